@@ -1,0 +1,31 @@
+"""Typed errors of models/: the serving layer maps them to HTTP statuses (API.md section 3)."""
+from __future__ import annotations
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be downloaded, detected or loaded. The message names the model, the file and the cause."""
+
+    def __init__(self, model_id: str, cause: str, file: str | None = None):
+        self.model_id, self.cause, self.file = model_id, cause, file
+        where = f" (file {file})" if file else ""
+        super().__init__(f"cannot load model {model_id!r}{where}: {cause}")
+
+
+class InputError(ValueError):
+    """Bad user input found while encoding; becomes a 422 `Validation` error. `index` is the offending item."""
+
+    def __init__(self, message: str, index: int | None = None):
+        self.index = index
+        super().__init__(message)
+
+
+class InputTooLongError(InputError):
+    """An input longer than the model's limit with truncation off, or a Qwen3 prefix+suffix that alone do not fit."""
+
+
+class PairRequiredError(InputError):
+    """A single text sent to a model that only scores (query, document) pairs."""
+
+
+class InstructionNotSupportedError(InputError):
+    """An `instruction` sent to a model that takes none."""
