@@ -1,0 +1,57 @@
+"""models/: detection, tokenization and scoring of every reranker family. Pure PyTorch/transformers, no Ray.
+
+    encoder = load_encoder("cross-encoder/ettin-reranker-17m-v1")        # ingress: tokenizer only
+    scorer = load_scorer("cross-encoder/ettin-reranker-17m-v1")          # replica: weights, loaded once
+    raw = scorer.score(encoder.encode([(query, doc), ...]))              # float32, input order; sigmoid = normalised
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import resolve_device, resolve_dtype
+from .detect import FAMILIES, detect_family
+from .encoded import EncodedBatch
+from .encoding import Encoder
+from .errors import (InputError, InputTooLongError, InstructionNotSupportedError, ModelLoadError,
+                     PairRequiredError)
+from .hub import resolve_model_dir
+from .scoring import Scorer
+
+__all__ = ["EncodedBatch", "ModelLoadError", "InputError", "InputTooLongError", "PairRequiredError",
+           "InstructionNotSupportedError", "resolve_model_dir", "detect_family", "load_encoder", "load_scorer",
+           "Encoder", "Scorer", "FAMILIES"]
+
+
+def _family_module(family: str):
+    from . import modular, qwen3, seq_cls
+
+    return {"modular": modular, "seq_cls": seq_cls, "qwen3": qwen3}[family]
+
+
+def _resolve(model_id: str, revision: str | None, family: str, token: str | None) -> tuple[Path, str]:
+    model_dir = resolve_model_dir(model_id, revision=revision, token=token)
+    if family in (None, "auto"):
+        family = detect_family(model_dir, model_id)
+    elif family not in FAMILIES:
+        raise ModelLoadError(model_id, f"unknown family {family!r}; use auto or one of {FAMILIES}")
+    return model_dir, family
+
+
+def load_encoder(model_id: str, *, revision: str | None = None, family: str = "auto", max_length: int | None = None,
+                 token: str | None = None) -> Encoder:
+    """The model's tokenizer-side half (no weights): for the HTTP ingress."""
+    model_dir, family = _resolve(model_id, revision, family, token)
+    return _family_module(family).load_encoder(model_id, model_dir, max_length=max_length)
+
+
+def load_scorer(model_id: str, *, revision: str | None = None, family: str = "auto", dtype: str = "auto",
+                device: str = "auto", max_length: int | None = None, token: str | None = None,
+                token_budget: int | None = None) -> Scorer:
+    """The loaded model (weights + head, once). `scorer.encoder` is its matching Encoder."""
+    model_dir, family = _resolve(model_id, revision, family, token)
+    device = resolve_device(model_id, device)
+    dtype = resolve_dtype(model_id, dtype, device)
+    module = _family_module(family)
+    scorer_cls = {"modular": "ModularScorer", "seq_cls": "SeqClsScorer", "qwen3": "Qwen3Scorer"}[family]
+    return getattr(module, scorer_cls)(model_id, model_dir, dtype=dtype, device=device, max_length=max_length,
+                                       token_budget=token_budget)

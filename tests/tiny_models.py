@@ -58,7 +58,9 @@ def _wordpiece_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length)
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length,
+        # As BertTokenizer declares: without it the saved tokenizer returns no token_type_ids at all.
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
 def _modernbert_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:

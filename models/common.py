@@ -1,0 +1,171 @@
+"""Helpers shared by the families: config loading (with the ModernBERT rope fix-up), the max input length
+rule of API.md 1.5, dtype/device resolution, and small file readers."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# A tokenizer `model_max_length` at or above this is transformers' "no limit" placeholder (1e30).
+_NO_LIMIT = 1_000_000
+
+# Models whose learned positions start at pad_token_id + 1 (create_position_ids_from_input_ids), so only
+# max_position_embeddings - pad_token_id - 1 positions are usable.
+_PAD_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                         "longformer", "mpnet", "ibert", "roberta-prelayernorm", "xmod", "luke"}
+
+
+def read_json(model_id: str, path: Path, required: bool = True) -> dict | list | None:
+    """A JSON file of the model, or None when optional and absent; a ModelLoadError naming it otherwise."""
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(model_id, "file is missing", file=str(path))
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(model_id, f"unreadable JSON: {e}", file=str(path)) from e
+
+
+def _fix_modernbert_rope(raw: dict) -> dict:
+    """Rewrite a saved ModernBERT config so its rope thetas survive loading under transformers 5.
+
+    Two layouts exist: `global_rope_theta`/`local_rope_theta` (transformers 4) and `layer_types` +
+    `rope_parameters` per layer type (transformers 5). transformers 5 fills any theta it does not find with
+    160000 (global) / 10000 (local) and ignores a single `rope_theta`, and rejects a flat `rope_parameters`.
+    ettin saves 160000 for both, so we read every saved value and hand transformers explicit per-type ones.
+    """
+    raw = dict(raw)
+    saved = raw.get("rope_parameters") or {}
+    per_type = {k: dict(v) for k, v in saved.items() if k in ("full_attention", "sliding_attention")}
+    flat = saved if "rope_theta" in saved else {}  # {"rope_type": ..., "rope_theta": x}: one theta for all
+    single = raw.pop("rope_theta", None) or flat.get("rope_theta")
+    theta_for = {"full_attention": raw.pop("global_rope_theta", None),
+                 "sliding_attention": raw.pop("local_rope_theta", None)}
+    if not per_type and not any(theta_for.values()) and single is None:
+        return raw  # nothing saved: transformers' defaults are the model's own defaults
+    for kind in ("full_attention", "sliding_attention"):
+        params = per_type.get(kind) or {"rope_type": flat.get("rope_type", "default")}
+        theta = params.get("rope_theta") or theta_for[kind] or single
+        if theta is not None:
+            params["rope_theta"] = float(theta)
+        per_type[kind] = params
+    raw["rope_parameters"] = per_type
+    return raw
+
+
+def load_config(model_id: str, model_dir: Path):
+    """The transformers config of `model_dir`, with saved ModernBERT rope thetas honoured."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    raw = read_json(model_id, model_dir / "config.json")
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ModelLoadError(model_id, "config.json has no model_type", file=str(model_dir / "config.json"))
+    if raw["model_type"] == "modernbert":
+        raw = _fix_modernbert_rope(raw)
+    try:
+        config_cls = type(AutoConfig.for_model(raw["model_type"]))
+        config = config_cls.from_dict(raw)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelLoadError(model_id, f"unsupported or invalid config ({raw['model_type']}): {e}",
+                             file=str(model_dir / "config.json")) from e
+    assert isinstance(config, PretrainedConfig)
+    return config
+
+
+def position_limit(config) -> int | None:
+    """How many tokens the model's position embeddings can take (None when unbounded / unknown)."""
+    mpe = getattr(config, "max_position_embeddings", None)
+    if not isinstance(mpe, int) or mpe <= 0:
+        return None
+    if config.model_type in _PAD_OFFSET_POSITIONS:
+        return mpe - (config.pad_token_id or 0) - 1
+    return mpe
+
+
+def resolve_max_length(model_id: str, *, configured: int | None, file_configured: int | None,
+                       tokenizer_max: int | None, pos_limit: int | None, default: int | None = None) -> int:
+    """The max input length rule (API.md 1.5).
+
+    `configured` (the deployment's max_length) wins, and may not exceed the position limit. A limit saved with
+    the model (sentence_bert_config max_seq_length) is next, capped at the position limit. Else the smaller of
+    the tokenizer's real `model_max_length`, the position limit and a family default.
+    """
+    if configured is not None:
+        if configured < 1:
+            raise ModelLoadError(model_id, f"max_length must be at least 1, got {configured}")
+        if pos_limit is not None and configured > pos_limit:
+            raise ModelLoadError(model_id, f"max_length {configured} exceeds the model's position limit {pos_limit}")
+        return configured
+    if file_configured is not None:
+        return min(file_configured, pos_limit) if pos_limit is not None else file_configured
+    candidates = [x for x in (tokenizer_max if tokenizer_max and tokenizer_max < _NO_LIMIT else None,
+                              pos_limit, default) if x]
+    if not candidates:
+        raise ModelLoadError(model_id, "no max input length known: set max_length in the deployment config")
+    return min(candidates)
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def resolve_device(model_id: str, device: str) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(model_id, f"device {device!r} requested but CUDA is not available")
+    return str(device)
+
+
+def resolve_dtype(model_id: str, dtype: str, device: str) -> str:
+    """The dtype name: 'auto' is bf16 on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere."""
+    import torch
+
+    if dtype in (None, "auto"):
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(model_id, f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16") from None
+
+
+def from_pretrained(model_id: str, model_cls, path: Path, *, quiet_unexpected: bool = False, **kwargs):
+    """`model_cls.from_pretrained` that fails loudly when the checkpoint lacks weights the model needs
+    (transformers would initialise them at random and scores would be garbage)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if quiet_unexpected:  # e.g. the lm_head we deliberately skip: not worth a load report in the logs
+        hf_logging.set_verbosity_error()
+    try:
+        model, info = model_cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(model_id, f"cannot load the weights: {type(e).__name__}: {e}", file=str(path)) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(model_id, f"weights missing from the checkpoint: {missing[:5]}"
+                                       f"{' ...' if len(missing) > 5 else ''}", file=str(path))
+    return model
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def id2label_of(config: Any) -> dict[int, str]:
+    labels = getattr(config, "id2label", None) or {}
+    return {int(k): str(v) for k, v in labels.items()} or {0: "LABEL_0"}

@@ -1,0 +1,120 @@
+"""Turn a model id (a local directory or a Hub repo id) into a local directory, fetching only what is needed.
+
+Fails fast: the file list comes from ONE request with a short timeout and no retries, so a missing network
+or repository becomes a ModelLoadError in seconds instead of huggingface_hub's minute of backoff.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+# Files a model needs besides weights: configs, tokenizer files of every kind, module configs.
+_SMALL_FILE = re.compile(r"(\.json|\.txt|\.model|\.tiktoken|merges\.txt|vocab\.[a-z]+)$")
+_REPO_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
+# Folders of exports and training leftovers that never hold what the PyTorch model needs.
+_SKIP_DIRS = ("onnx/", "openvino/", "coreml/", "tf/", "flax/", "checkpoint-", "runs/", ".")
+
+
+def _is_local_path(model_id: str) -> bool:
+    """Looks like a filesystem path rather than `org/name` (absolute, relative, home, or deeper than org/name)."""
+    return (model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
+            or Path(model_id).expanduser().exists())
+
+
+def needed_files(files: list[str]) -> list[str]:
+    """The subset of a repository listing to download: small config/tokenizer files everywhere, and per folder
+    the safetensors weights, or the pytorch *.bin weights only where a folder has no safetensors."""
+    files = [f for f in files if not f.startswith(_SKIP_DIRS)]
+    with_safetensors = {posixpath.dirname(f) for f in files if f.endswith(".safetensors")}
+    keep = []
+    for f in files:
+        folder = posixpath.dirname(f)
+        if _SMALL_FILE.search(f) and not f.endswith("training_args.bin"):
+            keep.append(f)
+        elif f.endswith(".safetensors"):
+            keep.append(f)
+        elif f.endswith(".bin") and folder not in with_safetensors and "training_args" not in f \
+                and "optimizer" not in f:
+            keep.append(f)
+    return keep
+
+
+def _list_files(model_id: str, revision: str | None, token: str | None, endpoint: str) -> list[str]:
+    """The repository's file list from one request (no retries)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    rev = revision or "main"
+    url = f"{endpoint.rstrip('/')}/api/models/{model_id}/revision/{rev.replace('/', '%2F')}"
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT", constants.DEFAULT_ETAG_TIMEOUT))
+    response = get_session().get(url, headers=build_hf_headers(token=token), timeout=timeout)
+    hf_raise_for_status(response)
+    return [s["rfilename"] for s in response.json().get("siblings", [])]
+
+
+def _cache_dir() -> str | None:
+    """The standard cache, read when called (huggingface_hub reads HF_HUB_CACHE / HF_HOME once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None  # huggingface_hub's default
+
+
+def _cached_snapshot(model_id: str, revision: str | None, token: str | None) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, revision=revision, token=token, local_files_only=True,
+                                      cache_dir=_cache_dir()))
+    except Exception:  # nothing usable in the cache
+        return None
+
+
+def resolve_model_dir(model_id: str, revision: str | None = None, token: str | None = None) -> Path:
+    """A local directory holding the model: `model_id` itself when it is a directory, else a Hub snapshot in
+    the standard cache (HF_HOME / HF_HUB_CACHE), limited to the files the model needs."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return local
+    if _is_local_path(model_id) or not _REPO_ID.match(model_id):
+        raise ModelLoadError(model_id, "no such local directory, and not a valid Hugging Face Hub repo id")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    token = token or os.environ.get("HF_TOKEN") or None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        cached = _cached_snapshot(model_id, revision, token)
+        if cached is None:
+            raise ModelLoadError(model_id, "HF_HUB_OFFLINE is set and the model is not in the local cache")
+        return cached
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        files = _list_files(model_id, revision, token, endpoint)
+    except hf_errors.RepositoryNotFoundError as e:
+        raise ModelLoadError(model_id, "repository not found on the Hub (or private: set HF_TOKEN)") from e
+    except hf_errors.RevisionNotFoundError as e:
+        raise ModelLoadError(model_id, f"revision {revision!r} not found") from e
+    except hf_errors.GatedRepoError as e:
+        raise ModelLoadError(model_id, "gated repository: accept its terms and set HF_TOKEN") from e
+    except Exception as e:  # no network, DNS, TLS, timeouts, 5xx: use the cache if it has the model
+        cached = _cached_snapshot(model_id, revision, token)
+        if cached is not None:
+            return cached
+        raise ModelLoadError(model_id, f"cannot reach the Hugging Face Hub at {endpoint} "
+                                       f"({type(e).__name__}: {e}) and the model is not cached") from e
+    wanted = needed_files(files)
+    if "config.json" not in wanted and "modules.json" not in wanted:
+        raise ModelLoadError(model_id, "the repository has no config.json", file="config.json")
+    try:
+        return Path(snapshot_download(model_id, revision=revision, token=token, allow_patterns=wanted,
+                                      endpoint=endpoint, cache_dir=_cache_dir()))
+    except Exception as e:
+        raise ModelLoadError(model_id, f"download failed ({type(e).__name__}: {e})") from e

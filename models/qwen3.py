@@ -1,0 +1,172 @@
+"""Qwen3-Reranker from the official `Qwen3ForCausalLM` checkpoints: raw score = logit("yes") − logit("no") of the
+last token, computed as h_last · (W[yes] − W[no]) — two rows of the output weights, never the vocabulary
+projection. W is lm_head.weight, or the input embedding when tie_word_embeddings is true (0.6B, 4B; not 8B).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .common import from_pretrained, load_config, position_limit, resolve_max_length, torch_dtype
+from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
+from .errors import InputTooLongError, ModelLoadError, PairRequiredError
+from .scoring import Scorer
+from .seq_cls import load_tokenizer
+
+# The official recipe (Qwen/Qwen3-Reranker-* model cards).
+PREFIX = ('<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the '
+          'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n')
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+DEFAULT_MAX_LENGTH = 8192
+
+
+def format_content(instruction: str, query: str, doc: str) -> str:
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
+
+
+class Qwen3Encoder(Encoder):
+    """prefix + "<Instruct>: …\\n<Query>: …\\n<Document>: …" + suffix; only the content between the fixed prefix and
+    suffix is truncated, to max_length − len(prefix) − len(suffix) tokens (as the recipe's tokenizer call does)."""
+
+    accepts_single = False
+    accepts_instruction = True
+    default_instruction = DEFAULT_INSTRUCTION
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        tok = self.tokenizer
+        self.prefix_ids = tok.encode(PREFIX, add_special_tokens=False)
+        self.suffix_ids = tok.encode(SUFFIX, add_special_tokens=False)
+        self.content_budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        backend = tok.backend_tokenizer
+        self._full = backend_copy(backend, None)
+        self._cut = ({d: backend_copy(backend, self.content_budget, d) for d in ("right", "left")}
+                     if self.content_budget >= 1 else None)
+
+    def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
+        direction = parse_direction(direction)
+        check_max_tokens_per_doc(max_tokens_per_doc)
+        if self._cut is None:
+            raise InputTooLongError(
+                f"the prompt prefix and suffix alone take {len(self.prefix_ids) + len(self.suffix_ids)} tokens, "
+                f"not fewer than the max input length {self.max_length}; raise max_length")
+        if instruction is not None:
+            check_text(instruction, 0, "the instruction")
+        instruction = self.default_instruction if instruction is None else instruction
+        queries, docs = [], []
+        for i, (query, doc) in enumerate(items):
+            check_text(query, i, "the query")
+            if doc is None:
+                raise PairRequiredError(f"item {i}: model {self.model_id!r} scores (query, document) pairs only; "
+                                        "a single text cannot be scored", index=i)
+            check_text(doc, i, "the document")
+            queries.append(query)
+            docs.append(doc)
+        if max_tokens_per_doc is not None:
+            docs = self._cut_docs(docs, max_tokens_per_doc, direction)
+        contents = [format_content(instruction, q, d) for q, d in zip(queries, docs)]
+        tok = self._cut[direction] if truncate else self._full
+        # add_special_tokens as the recipe's tokenizer call (Qwen adds none).
+        encodings = tok.encode_batch(contents, add_special_tokens=True)
+        fixed = len(self.prefix_ids) + len(self.suffix_ids)
+        ids = []
+        for i, e in enumerate(encodings):
+            if not truncate and len(e.ids) + fixed > self.max_length:
+                raise InputTooLongError(
+                    f"input {i} has {len(e.ids) + fixed} tokens after templating, more than the model's maximum "
+                    f"of {self.max_length}; shorten it or send truncate=true", index=i)
+            ids.append(self.prefix_ids + e.ids + self.suffix_ids)
+        return flatten(ids)
+
+    def _cut_docs(self, docs: list[str], max_doc: int, direction: str) -> list[str]:
+        """Each document cut to its first (Right) or last (Left) `max_doc` tokens, at token character offsets:
+        the document is re-tokenized inside the template, so the cut is made on its text."""
+        out = []
+        for doc, enc in zip(docs, self._full.encode_batch(docs, add_special_tokens=False)):
+            if len(enc.ids) > max_doc:
+                doc = doc[:enc.offsets[max_doc - 1][1]] if direction == "right" else doc[enc.offsets[-max_doc][0]:]
+            out.append(doc)
+        return out
+
+
+def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> Qwen3Encoder:
+    tok = load_tokenizer(model_id, model_dir, config)
+    limit = resolve_max_length(model_id, configured=max_length, file_configured=None, tokenizer_max=None,
+                               pos_limit=position_limit(config), default=DEFAULT_MAX_LENGTH)
+    return Qwen3Encoder(family="qwen3", model_id=model_id, tokenizer=tok, max_length=limit,
+                        id2label={0: "LABEL_0"})  # the official checkpoints carry no labels
+
+
+def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = None) -> Qwen3Encoder:
+    return _encoder(model_id, model_dir, load_config(model_id, model_dir), max_length)
+
+
+def yes_no_ids(model_id: str, tokenizer) -> tuple[int, int]:
+    ids = tokenizer.convert_tokens_to_ids(["yes", "no"])
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ModelLoadError(model_id, "the tokenizer has no single 'yes' / 'no' tokens; not a yes/no reranker")
+    return int(ids[0]), int(ids[1])
+
+
+def read_weight_rows(model_id: str, model_dir: Path, name: str, rows: list[int]) -> torch.Tensor:
+    """Rows of one checkpoint tensor, read without loading the tensor (safetensors slices; *.bin via mmap)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if name not in weight_map:
+            raise ModelLoadError(model_id, f"tensor {name} missing from the checkpoint", file=index.name)
+        files = [model_dir / weight_map[name]]
+    else:
+        files = [model_dir / "model.safetensors"]
+    if files[0].is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(files[0]), framework="pt") as f:
+            if name not in f.keys():
+                raise ModelLoadError(model_id, f"tensor {name} missing from the checkpoint", file=files[0].name)
+            sl = f.get_slice(name)
+            return torch.stack([sl[r:r + 1][0] for r in rows])
+    bins = sorted(model_dir.glob("pytorch_model*.bin"))
+    for b in bins:
+        state = torch.load(str(b), map_location="cpu", weights_only=True, mmap=True)
+        if name in state:
+            return state[name][rows].clone()
+    raise ModelLoadError(model_id, f"tensor {name} not found in any weights file", file=str(model_dir))
+
+
+class Qwen3Scorer(Scorer):
+    def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
+                 token_budget: int | None):
+        from transformers import AutoModel
+
+        config = load_config(model_id, model_dir)
+        encoder = _encoder(model_id, model_dir, config, max_length)
+        tok = encoder.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        super().__init__(family="qwen3", model_id=model_id, encoder=encoder, dtype=dtype, device=device,
+                         token_budget=token_budget, pad_id=pad)
+        yes, no = yes_no_ids(model_id, tok)
+        # The headless Qwen3Model: the checkpoint's lm_head (151k × hidden) is never materialised.
+        model = from_pretrained(model_id, AutoModel, model_dir, quiet_unexpected=True, config=config,
+                                dtype=torch_dtype(dtype))
+        self.model = model.to(device).eval()
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tied:
+            rows = self.model.get_input_embeddings().weight[[yes, no]]
+        else:
+            rows = read_weight_rows(model_id, model_dir, "lm_head.weight", [yes, no])
+        rows = rows.detach().float()
+        # h · W[yes] − h · W[no] = h · (W[yes] − W[no]); kept in fp32.
+        self.score_vector = (rows[0] - rows[1]).to(device)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        if not self.tied:
+            self.num_parameters += config.vocab_size * config.hidden_size
+
+    def _forward_padded(self, input_ids, attention_mask, token_type_ids):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1  # right padding: the last REAL token of each row
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return h.float() @ self.score_vector

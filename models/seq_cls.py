@@ -1,0 +1,73 @@
+"""`*ForSequenceClassification` rerankers (BERT, XLM-R, ModernBERT, ...): raw score = logits[:, 0]."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import from_pretrained, id2label_of, load_config, position_limit, resolve_max_length, torch_dtype
+from .encoding import PairEncoder
+from .errors import ModelLoadError
+from .scoring import Scorer
+
+
+def load_tokenizer(model_id: str, tokenizer_dir: Path, config=None):
+    """The fast tokenizer. `config` (ours, rope-fixed) spares AutoTokenizer from re-reading config.json."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), **({"config": config} if config is not None else {}))
+    except Exception as e:
+        raise ModelLoadError(model_id, f"cannot load the tokenizer: {type(e).__name__}: {e}",
+                             file=str(tokenizer_dir)) from e
+    if not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
+        raise ModelLoadError(model_id, "the tokenizer has no fast (tokenizers) backend; a tokenizer.json is needed",
+                             file=str(tokenizer_dir))
+    return tok
+
+
+def uses_token_types(tokenizer, config) -> bool:
+    """Token types matter only where the tokenizer emits them and the model has more than one type (BERT);
+    for everyone else the model's default all-zero types are what the reference sees."""
+    return "token_type_ids" in tokenizer.model_input_names and (getattr(config, "type_vocab_size", 0) or 0) > 1
+
+
+def pair_encoder(family: str, model_id: str, tokenizer, config, *, max_length: int | None,
+                 file_max_length: int | None = None) -> PairEncoder:
+    limit = resolve_max_length(model_id, configured=max_length, file_configured=file_max_length,
+                               tokenizer_max=getattr(tokenizer, "model_max_length", None),
+                               pos_limit=position_limit(config))
+    return PairEncoder(family=family, model_id=model_id, tokenizer=tokenizer, max_length=limit,
+                       id2label=id2label_of(config), uses_token_types=uses_token_types(tokenizer, config))
+
+
+def pad_id_of(config, tokenizer) -> int:
+    """The id padding positions get: the model's own pad id first (RoBERTa-style positions are counted from it)."""
+    for pad in (getattr(config, "pad_token_id", None), tokenizer.pad_token_id):
+        if pad is not None:
+            return int(pad)
+    return 0
+
+
+def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = None) -> PairEncoder:
+    config = load_config(model_id, model_dir)
+    return pair_encoder("seq_cls", model_id, load_tokenizer(model_id, model_dir, config), config, max_length=max_length)
+
+
+class SeqClsScorer(Scorer):
+    def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
+                 token_budget: int | None):
+        from transformers import AutoModelForSequenceClassification
+
+        config = load_config(model_id, model_dir)
+        encoder = pair_encoder("seq_cls", model_id, load_tokenizer(model_id, model_dir, config), config,
+                               max_length=max_length)
+        super().__init__(family="seq_cls", model_id=model_id, encoder=encoder, dtype=dtype, device=device,
+                         token_budget=token_budget, pad_id=pad_id_of(config, encoder.tokenizer),
+                         uses_token_types=encoder.uses_token_types)
+        model = from_pretrained(model_id, AutoModelForSequenceClassification, model_dir, config=config,
+                                dtype=torch_dtype(dtype))
+        self.model = model.to(device).eval()
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+
+    def _forward_padded(self, input_ids, attention_mask, token_type_ids):
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0]

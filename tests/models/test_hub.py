@@ -1,0 +1,120 @@
+"""Hub downloads against a local stand-in for the Hub's HTTP API (tests never use the network)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from models import ModelLoadError, load_encoder, resolve_model_dir
+
+COMMIT = "a" * 40
+
+
+class FakeHub:
+    """Serves the repositories in `repos` ({"org/name": folder}) the way huggingface_hub reads them: model info
+    with siblings, the recursive tree, and resolve/ HEAD + GET with ETag and X-Repo-Commit. Records requests."""
+
+    def __init__(self, repos: dict[str, Path]):
+        self.repos, self.requests = repos, []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hub.serve(self, body=True)
+
+            def do_HEAD(self):
+                hub.serve(self, body=False)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _files(self, root: Path):
+        return [p for p in sorted(root.rglob("*")) if p.is_file()]
+
+    def serve(self, h: BaseHTTPRequestHandler, body: bool):
+        self.requests.append((h.command, h.path))
+        for repo, root in self.repos.items():
+            if h.path.startswith(f"/api/models/{repo}/tree/"):
+                return self._send(h, body, json.dumps([
+                    {"type": "file", "path": p.relative_to(root).as_posix(), "size": p.stat().st_size,
+                     "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for p in self._files(root)]).encode())
+            if h.path.startswith(f"/api/models/{repo}/revision/"):
+                return self._send(h, body, json.dumps({"id": repo, "sha": COMMIT, "siblings": [
+                    {"rfilename": p.relative_to(root).as_posix()} for p in self._files(root)]}).encode())
+            prefix = f"/{repo}/resolve/"
+            if h.path.startswith(prefix):
+                name = h.path[len(prefix):].partition("/")[2]
+                if (root / name).is_file():
+                    data = (root / name).read_bytes()
+                    return self._send(h, body, data, {"ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+                                                      "X-Repo-Commit": COMMIT})
+                return self._send(h, body, b"", status=404, headers={"X-Error-Code": "EntryNotFound"})
+        self._send(h, body, b"", status=404, headers={"X-Error-Code": "RepoNotFound"})
+
+    @staticmethod
+    def _send(h, body, data: bytes, headers=None, status=200):
+        h.send_response(status)
+        for key, value in (headers or {}).items():
+            h.send_header(key, value)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if body:
+            h.wfile.write(data)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub(tiny, tmp_path, monkeypatch):
+    # A modular model whose Dense modules are saved as pytorch_model.bin, with a stale *.bin next to the root
+    # safetensors and an ONNX export: what a real repository may hold.
+    import torch
+    from safetensors.torch import load_file
+
+    modular = tmp_path / "repo_modular"
+    shutil.copytree(tiny["modular"], modular)
+    for folder in ("2_Dense", "4_Dense"):
+        torch.save(load_file(str(modular / folder / "model.safetensors")), modular / folder / "pytorch_model.bin")
+        (modular / folder / "model.safetensors").unlink()
+    shutil.copy(modular / "model.safetensors", modular / "pytorch_model.bin")
+    (modular / "onnx").mkdir()
+    (modular / "onnx" / "model.onnx").write_bytes(b"\0" * 100)
+    no_config = tmp_path / "repo_no_config"
+    shutil.copytree(tiny["bert"], no_config)
+    (no_config / "config.json").unlink()
+    fake = FakeHub({"org/tiny-modular": modular, "org/no-config": no_config})
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield fake
+    fake.close()
+
+
+def test_downloads_only_the_needed_files(hub, tiny):
+    path = resolve_model_dir("org/tiny-modular")
+    got = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert "pytorch_model.bin" not in got and "onnx/model.onnx" not in got and "README.md" not in got
+    assert {"modules.json", "model.safetensors", "config.json", "tokenizer.json", "2_Dense/pytorch_model.bin",
+            "3_LayerNorm/model.safetensors", "1_Pooling/config.json"} <= set(got)
+    assert load_encoder("org/tiny-modular").model_id == "org/tiny-modular"
+
+
+def test_missing_repository_names_the_model(hub):
+    with pytest.raises(ModelLoadError, match="org/missing.*repository not found"):
+        resolve_model_dir("org/missing")
+
+
+def test_repository_without_config(hub):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        resolve_model_dir("org/no-config")
