@@ -1,0 +1,34 @@
+"""Per-model autoscaling: presets derived from model size and hardware, and a policy on queued + in-flight work.
+
+- ``autoscaling_options(...)``: the deployment options (autoscaling_config with the policy,
+  max_ongoing_requests, graceful_shutdown_timeout_s) the app builder passes to each model deployment.
+- ``WorkTracker``: what a model replica uses to report the work it holds (``record_autoscaling_stats``).
+- ``WorkPolicy`` / ``desired_replicas``: the Ray Serve custom policy and its pure decision function.
+"""
+from autoscaling.policy import (
+    METRIC_KEYS,
+    WORK_PAIRS,
+    WORK_REQUESTS,
+    WORK_TOKENS,
+    Decision,
+    WorkPolicy,
+    WorkSignal,
+    WorkTarget,
+    desired_replicas,
+)
+from autoscaling.presets import (
+    DEFAULT_PRESET,
+    POLICY_FUNCTION,
+    PRESET_NAMES,
+    PRESETS,
+    autoscaling_options,
+    count_parameters,
+    size_class,
+)
+from autoscaling.work import WorkTracker
+
+__all__ = [
+    "DEFAULT_PRESET", "Decision", "METRIC_KEYS", "POLICY_FUNCTION", "PRESETS", "PRESET_NAMES", "WORK_PAIRS",
+    "WORK_REQUESTS", "WORK_TOKENS", "WorkPolicy", "WorkSignal", "WorkTarget", "WorkTracker",
+    "autoscaling_options", "count_parameters", "desired_replicas", "size_class",
+]

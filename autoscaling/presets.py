@@ -1,0 +1,238 @@
+"""Per-model autoscaling presets, derived from the model's size and the hardware it runs on.
+
+Pure code (no Ray import): ``autoscaling_options(...)`` returns the keyword arguments for a model
+deployment's ``.options(...)``: its ``autoscaling_config`` (with the work-based policy of
+``autoscaling.policy``), ``max_ongoing_requests`` and ``graceful_shutdown_timeout_s``.
+
+Why the numbers depend on size: a 17M model loads in seconds, an 8B one in a minute or more. A burst
+shorter than a replica's cold start is not helped by starting one, and a replica that is expensive to
+reload should not be dropped at the first lull; so the larger the model, the longer both delays.
+Why they depend on hardware: a replica on a fraction of a GPU is cheap to add (no new node while the
+GPU has room), so the replica cap is set in GPUs: ``max_replicas = max_gpus / num_gpus``.
+The per-replica target is counted in token budgets: a replica holding one budget of work scores all of
+it in its next batch (latency), two keep one batch forming while one runs (balanced), four favour
+full batches over latency (throughput).
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+POLICY_FUNCTION = "autoscaling.policy:WorkPolicy"
+
+# The fields of ray.serve.config.AutoscalingConfig in Ray 2.60 (a test keeps this in step with Ray).
+# Ray silently DROPS keys it does not know; we reject them instead, so a typo never goes unnoticed.
+RAY_AUTOSCALING_FIELDS = frozenset({
+    "min_replicas", "initial_replicas", "max_replicas", "target_ongoing_requests", "metrics_interval_s",
+    "look_back_period_s", "smoothing_factor", "upscale_smoothing_factor", "downscale_smoothing_factor",
+    "upscaling_factor", "downscaling_factor", "downscale_delay_s", "downscale_to_zero_delay_s",
+    "upscale_delay_s", "aggregation_function", "policy",
+})
+# Our own keys: which work to scale on and how much of it one replica should hold.
+POLICY_FIELDS = frozenset({"metric", "target_work_per_replica", "target_budgets_per_replica"})
+
+
+@dataclass(frozen=True)
+class SizeClass:
+    """Defaults that follow from how long a replica of this size takes to (re)load."""
+
+    name: str
+    max_parameters: float  # upper bound (exclusive) of the class
+    max_gpus: float  # GPUs one model may grow to by default (max_replicas = max_gpus / num_gpus)
+    cpu_max_replicas: int  # CPU replicas share a node's cores: few pay off
+    upscale_delay_s: float
+    downscale_delay_s: float
+    downscale_to_zero_delay_s: float
+    look_back_period_s: float
+    graceful_shutdown_timeout_s: float  # a replica being removed finishes what it holds first
+
+
+SIZE_CLASSES = (
+    SizeClass("tiny", 100e6, 2, 2, 5, 120, 300, 15, 30),  # ettin-17m/32m/68m: seconds to load
+    SizeClass("small", 1.5e9, 4, 2, 10, 300, 600, 30, 60),  # ettin-150m..1b, bge-m3, Qwen3-0.6B
+    SizeClass("large", math.inf, 4, 2, 30, 600, 1800, 30, 120),  # Qwen3-4B/8B: a minute or more
+)
+UNKNOWN_SIZE = "small"  # when the parameter count cannot be found
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    min_replicas: int
+    target_budgets: float  # work one replica should hold, in token budgets
+    upscale_delay_scale: float
+    downscale_delay_scale: float
+    max_ongoing_requests: int  # enough requests per replica for a batch to fill its token budget
+    initial_replicas: int | None = None
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("balanced", 1, 2.0, 1.0, 1.0, 32),
+    Preset("latency", 1, 1.0, 0.5, 2.0, 16),
+    Preset("throughput", 1, 4.0, 2.0, 1.0, 64),
+    # Starts with one replica, so the deploy still proves the model loads; idles down to zero.
+    Preset("scale-to-zero", 0, 2.0, 1.0, 1.0, 32, initial_replicas=1),
+)}
+FIXED = "fixed"
+DEFAULT_PRESET = "balanced"
+PRESET_NAMES = (*PRESETS, FIXED)
+
+
+def size_class(num_parameters: int | None) -> SizeClass:
+    """The size class of a model of ``num_parameters`` parameters (None: unknown -> "small")."""
+    if num_parameters is None:
+        return next(c for c in SIZE_CLASSES if c.name == UNKNOWN_SIZE)
+    return next(c for c in SIZE_CLASSES if num_parameters < c.max_parameters)
+
+
+def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: float,
+                        preset: str | None = None, overrides: Mapping[str, Any] | None = None,
+                        token_budget: int | None = None,
+                        max_ongoing_requests: int | None = None) -> dict[str, Any]:
+    """The Ray deployment options that make one model deployment scale on its work.
+
+    Args:
+        num_parameters: the model's parameter count (``count_parameters``); None = unknown ("small").
+        device: the model's device setting ("cpu", "cuda", "cuda:0", "auto"); with ``num_gpus`` it
+            decides GPU vs CPU defaults (GPU when ``num_gpus > 0`` or the device is CUDA).
+        num_gpus: the replica's GPU share (0.25 = a quarter GPU); caps ``max_replicas`` at
+            ``max_gpus / num_gpus`` of the size class.
+        preset: "balanced" (default), "latency", "throughput", "scale-to-zero" or "fixed".
+        overrides: explicit settings that win over the preset: any field of Ray's ``AutoscalingConfig``
+            (min_replicas, max_replicas, initial_replicas, upscale_delay_s, downscale_delay_s,
+            downscale_to_zero_delay_s, look_back_period_s, metrics_interval_s, target_ongoing_requests,
+            upscaling_factor, downscaling_factor, aggregation_function, policy), plus ``metric``
+            ("tokens" | "pairs"), ``target_work_per_replica`` (in that unit) or
+            ``target_budgets_per_replica`` (in token budgets), and ``preset`` (wins over the argument,
+            so one YAML dict can carry both). With "fixed": only ``num_replicas`` (default 1).
+            Unknown keys raise ValueError (Ray itself would drop them silently).
+        token_budget: the tokens one batch of this model may hold (the serving layer's batching budget).
+            None when it is only resolved in the replica: the policy's target is then kept in budgets
+            and each replica reports its budget (``WorkTracker(token_budget=...)``).
+        max_ongoing_requests: the model's explicit setting, if any; else the preset's.
+
+    Returns:
+        Autoscaling: ``{"autoscaling_config": {...}, "max_ongoing_requests": n,
+        "graceful_shutdown_timeout_s": s}``; "fixed": ``{"num_replicas": n, "max_ongoing_requests": n,
+        "graceful_shutdown_timeout_s": s}``. Pass it to ``Deployment.options(**...)``, and do not pass
+        ``num_replicas`` next to an ``autoscaling_config`` (Ray rejects the pair).
+
+    A model allowed to scale to zero (``min_replicas: 0``) keeps its requests: while a deployment has no
+    replica, Ray 2.60 queues each request at the caller's handle, pushes the handle's metrics to the
+    controller at once, and the controller starts a replica without waiting for ``upscale_delay_s``;
+    the request is sent when the replica is up. Only ``max_queued_requests`` (backpressure) or an
+    HTTP ``request_timeout_s`` can fail it meanwhile, so keep them generous for such models.
+    """
+    if token_budget is not None and (not isinstance(token_budget, int) or isinstance(token_budget, bool)
+                                     or token_budget <= 0):
+        raise ValueError(f"token_budget must be a positive int or None, got {token_budget!r}")
+    if num_gpus < 0:
+        raise ValueError(f"num_gpus must be >= 0, got {num_gpus!r}")
+    settings = dict(overrides or {})
+    name = settings.pop("preset", None) or preset or DEFAULT_PRESET
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown autoscaling preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    size = size_class(num_parameters)
+    on_gpu = num_gpus > 0 or device.startswith("cuda")
+
+    if name == FIXED:
+        unknown = set(settings) - {"num_replicas"}
+        if unknown:
+            raise ValueError(f"preset 'fixed' takes only num_replicas, not {sorted(unknown)}")
+        replicas = settings.get("num_replicas", 1)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+            raise ValueError(f"num_replicas must be an int >= 1, got {replicas!r}")
+        return {"num_replicas": replicas,
+                "max_ongoing_requests": max_ongoing_requests or PRESETS[DEFAULT_PRESET].max_ongoing_requests,
+                "graceful_shutdown_timeout_s": size.graceful_shutdown_timeout_s}
+
+    unknown = set(settings) - RAY_AUTOSCALING_FIELDS - POLICY_FIELDS
+    if unknown:
+        raise ValueError(
+            f"unknown autoscaling setting(s) {sorted(unknown)}; allowed: preset, "
+            f"{', '.join(sorted(RAY_AUTOSCALING_FIELDS | POLICY_FIELDS))}")
+    p = PRESETS[name]
+    ongoing = max_ongoing_requests or p.max_ongoing_requests
+    if on_gpu and num_gpus > 0:
+        max_replicas = max(1, math.floor(size.max_gpus / num_gpus + 1e-9))
+    else:
+        max_replicas = size.cpu_max_replicas
+
+    config: dict[str, Any] = {
+        "min_replicas": p.min_replicas,
+        "max_replicas": max_replicas,
+        "upscale_delay_s": size.upscale_delay_s * p.upscale_delay_scale,
+        "downscale_delay_s": size.downscale_delay_s * p.downscale_delay_scale,
+        "look_back_period_s": size.look_back_period_s,
+        # Only the fallback policy (no work reported yet) counts requests: half the replica's slots.
+        "target_ongoing_requests": max(1.0, ongoing / 2),
+    }
+    if p.initial_replicas is not None:
+        config["initial_replicas"] = p.initial_replicas
+    policy_kwargs = _policy_kwargs(settings, p, token_budget)
+    config.update({k: v for k, v in settings.items() if k in RAY_AUTOSCALING_FIELDS})
+    # An explicit floor above the preset's cap lifts the cap, rather than failing Ray's min <= max check.
+    if "max_replicas" not in settings:
+        config["max_replicas"] = max(config["max_replicas"], config["min_replicas"],
+                                     config.get("initial_replicas") or 0)
+    if config["min_replicas"] == 0:
+        config.setdefault("downscale_to_zero_delay_s", size.downscale_to_zero_delay_s)
+        # Start with a replica anyway: the deploy then proves the model loads, as it does for the others.
+        config.setdefault("initial_replicas", 1)
+    config.setdefault("policy", {"policy_function": POLICY_FUNCTION, "policy_kwargs": policy_kwargs})
+    return {"autoscaling_config": config, "max_ongoing_requests": ongoing,
+            "graceful_shutdown_timeout_s": size.graceful_shutdown_timeout_s}
+
+
+def _policy_kwargs(settings: dict[str, Any], p: Preset, token_budget: int | None) -> dict[str, Any]:
+    metric = settings.get("metric", "tokens")
+    if metric not in ("tokens", "pairs"):
+        raise ValueError(f"metric must be 'tokens' or 'pairs', got {metric!r}")
+    if "target_work_per_replica" in settings and "target_budgets_per_replica" in settings:
+        raise ValueError("give target_work_per_replica or target_budgets_per_replica, not both")
+    if "target_work_per_replica" in settings:
+        target = settings["target_work_per_replica"]
+        if not isinstance(target, (int, float)) or isinstance(target, bool) or not target > 0:
+            raise ValueError(f"target_work_per_replica must be a number > 0, got {target!r}")
+        return {"metric": metric, "target_per_replica": float(target)}
+    if metric == "pairs":
+        # A budget is counted in tokens; how many pairs fill it depends on the traffic: ask for it.
+        raise ValueError("metric 'pairs' needs target_work_per_replica (pairs one replica should hold)")
+    budgets = settings.get("target_budgets_per_replica", p.target_budgets)
+    if not isinstance(budgets, (int, float)) or isinstance(budgets, bool) or not budgets > 0:
+        raise ValueError(f"target_budgets_per_replica must be a number > 0, got {budgets!r}")
+    if token_budget is None:
+        return {"metric": metric, "target_budgets_per_replica": float(budgets)}
+    return {"metric": metric, "target_per_replica": float(budgets) * token_budget}
+
+
+def count_parameters(model: str | Path, revision: str | None = None, token: str | None = None) -> int | None:
+    """The parameter count of a model, read from its safetensors headers only (no weights loaded).
+
+    ``model`` is a local directory (every ``*.safetensors`` under it, sub-modules such as
+    ``1_Dense/`` included) or a Hub id (``huggingface_hub.get_safetensors_metadata``: header requests
+    only). Returns None when it cannot be found (no safetensors, no network): presets then use "small".
+    """
+    path = Path(model)
+    if path.is_dir():
+        files = sorted(path.rglob("*.safetensors"))
+        return sum(_safetensors_count(f) for f in files) if files else None
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        metadata = get_safetensors_metadata(str(model), revision=revision, token=token)
+        return int(sum(metadata.parameter_count.values()))
+    except Exception:  # noqa: BLE001 - any failure just means "unknown size"
+        return None
+
+
+def _safetensors_count(file: Path) -> int:
+    # Layout: 8-byte little-endian header length, then a JSON header {name: {dtype, shape, offsets}}.
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
