@@ -1,0 +1,203 @@
+"""One Ray Serve deployment per served model: loads it once, batches requests by a token budget.
+
+Thin on purpose: loading and scoring are models/ (`load_scorer`, `Scorer.score`); this class only
+adds what Ray gives (batching across requests, replicas, health checks, metrics).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from ray import serve
+
+from models.encoded import EncodedBatch
+from serve_app.settings import ModelSettings
+
+logger = logging.getLogger("ray.serve")
+
+# Replaced per replica by the model's token budget (see __init__); the decorator needs a start value.
+_INITIAL_TOKEN_BUDGET = 16384
+_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "device-side assert", "out of memory")
+
+
+@dataclass
+class Work:
+    """One queued piece of a request: at most a token budget of its sequences, in request order."""
+
+    batch: EncodedBatch
+    arrived: float  # time.monotonic() when the request reached the replica
+
+
+def batch_tokens(works: Sequence[Work]) -> int:
+    """`batch_size_fn` of the batcher: the tokens a batch would hold.
+
+    Must never raise: an exception here kills Ray's batch queue and every later request hangs.
+    """
+    total = 0
+    for w in works:
+        try:
+            total += max(1, int(w.batch.num_tokens))
+        except Exception:
+            total += 1
+    return total
+
+
+def split_by_budget(batch: EncodedBatch, budget: int) -> list[EncodedBatch]:
+    """Consecutive pieces of `batch` of at most `budget` tokens each (a longer single sequence alone).
+
+    Ray's batcher fails an item larger than its budget, so a big request is queued as several pieces,
+    which batch like any other request and come back in order.
+    """
+    if batch.num_tokens <= budget:
+        return [batch]
+    pieces, start, used = [], 0, 0
+    for i, n in enumerate(batch.lengths.tolist()):
+        if used and used + n > budget:
+            pieces.append(batch.select(np.arange(start, i)))
+            start, used = i, 0
+        used += n
+    pieces.append(batch.select(np.arange(start, len(batch))))
+    return pieces
+
+
+class _Metrics:
+    """Per-model Prometheus metrics (exported with Ray's `ray_` prefix, tagged with deployment/replica)."""
+
+    def __init__(self, model_name: str):
+        from ray.serve.metrics import Counter, Histogram
+
+        tags = ("model",)
+        self.pairs = Counter("rerank_pairs_scored", description="Sequences scored.", tag_keys=tags)
+        self.tokens = Counter("rerank_tokens_scored", description="Tokens scored.", tag_keys=tags)
+        self.fill = Histogram("rerank_batch_token_fill", description="Tokens of a forward batch / token budget.",
+                              boundaries=[0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], tag_keys=tags)
+        latency_s = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+        self.queue_wait = Histogram("rerank_queue_wait_seconds", description="Arrival at the replica to "
+                                    "start of the forward batch.", boundaries=latency_s, tag_keys=tags)
+        self.latency = Histogram("rerank_request_latency_seconds", description="Scoring time of a request "
+                                 "in the replica, queueing included.", boundaries=latency_s, tag_keys=tags)
+        for m in (self.pairs, self.tokens, self.fill, self.queue_wait, self.latency):
+            m.set_default_tags({"model": model_name})
+
+
+class _TokenBudgetWarningFilter(logging.Filter):
+    """Ray warns when max_batch_size exceeds max_ongoing_requests; here max_batch_size counts tokens."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "larger than `max_ongoing_requests`" not in record.getMessage()
+
+
+class ModelReplica:
+    """The model deployment's class; `ModelDeployment` below is it wrapped by `@serve.deployment`."""
+
+    def __init__(self, model: ModelSettings, hf_token: str | None = None):
+        from models import load_scorer
+
+        self.settings = model
+        device = model.resolved_device
+        if device == "cpu":
+            import torch
+            # Use the CPUs Ray reserved for this replica, not every core of the machine.
+            torch.set_num_threads(max(1, math.floor(model.resolved_num_cpus)))
+        logger.info("loading model %r from %s (revision %s, family %s, dtype %s, device %s)", model.name,
+                    model.model_id, model.revision or "default", model.family, model.dtype, device)
+        start = time.perf_counter()
+        self.scorer = load_scorer(model.model_id, revision=model.revision, family=model.family,
+                                  dtype=model.dtype, device=device, max_length=model.max_length,
+                                  token=hf_token, token_budget=model.token_budget)
+        self.load_time_s = time.perf_counter() - start
+        self.token_budget = int(self.scorer.token_budget)
+        logger.info("loaded model %r (%s, %s on %s, %s parameters) in %.2fs; token budget %d", model.name,
+                    self.scorer.family, _dtype_name(self.scorer.dtype), self.scorer.device,
+                    f"{self.scorer.num_parameters:,}", self.load_time_s, self.token_budget)
+        logger.addFilter(_TokenBudgetWarningFilter())
+        self._score_batched.set_max_batch_size(self.token_budget)
+        self._score_batched.set_batch_wait_timeout_s(model.max_batch_wait_s)
+        self._forward_lock = threading.Lock()
+        self._fatal: str | None = None
+        self.metrics = _Metrics(model.name)
+
+    async def score(self, batch: EncodedBatch) -> np.ndarray:
+        """Raw float32 scores of every sequence of `batch` (one request), in order."""
+        arrived = time.monotonic()
+        pieces = split_by_budget(batch, self.token_budget)
+        parts = await asyncio.gather(*(self._score_piece(p, arrived) for p in pieces))
+        self.metrics.latency.observe(time.monotonic() - arrived)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    async def _score_piece(self, piece: EncodedBatch, arrived: float) -> np.ndarray:
+        if piece.num_tokens > self.token_budget:
+            # A single sequence longer than the whole budget: its own forward pass, outside the batcher.
+            return await self._forward(piece)
+        result = await self._score_batched(Work(piece, arrived))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=_INITIAL_TOKEN_BUDGET, batch_wait_timeout_s=0.005, batch_size_fn=batch_tokens)
+    async def _score_batched(self, works: list[Work]) -> list[np.ndarray | BaseException]:
+        """Pieces of several requests in one forward pass; each gets its own slice of the scores back."""
+        now = time.monotonic()
+        for w in works:
+            self.metrics.queue_wait.observe(now - w.arrived)
+        merged = EncodedBatch.concat([w.batch for w in works])
+        try:
+            raw = await self._forward(merged)
+        except Exception as exc:
+            if len(works) == 1:
+                return [exc]
+            # Isolate the failure: each request alone, so only the one that fails gets an error.
+            logger.warning("batch of %d requests failed (%r); scoring them one by one", len(works), exc)
+            return [await self._forward_or_error(w.batch) for w in works]
+        self.metrics.fill.observe(merged.num_tokens / self.token_budget)
+        bounds = np.cumsum([0] + [len(w.batch) for w in works])
+        return [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    async def _forward_or_error(self, batch: EncodedBatch) -> np.ndarray | BaseException:
+        try:
+            return await self._forward(batch)
+        except Exception as exc:
+            return exc
+
+    async def _forward(self, batch: EncodedBatch) -> np.ndarray:
+        """Scorer.score in a worker thread, so the replica's event loop keeps accepting requests."""
+        return await asyncio.to_thread(self._forward_sync, batch)
+
+    def _forward_sync(self, batch: EncodedBatch) -> np.ndarray:
+        with self._forward_lock:  # one forward at a time: batches and over-budget pieces share the device
+            try:
+                raw = np.asarray(self.scorer.score(batch), dtype=np.float32)
+            except Exception as exc:
+                if any(marker in str(exc) for marker in _FATAL_MARKERS):
+                    self._fatal = f"{type(exc).__name__}: {exc}"
+                raise
+        if raw.shape != (len(batch),):
+            raise RuntimeError(f"scorer returned {raw.shape} scores for {len(batch)} sequences")
+        self.metrics.pairs.inc(len(batch))
+        self.metrics.tokens.inc(batch.num_tokens)
+        return raw
+
+    def describe(self) -> dict[str, Any]:
+        """What /info reports about the loaded model."""
+        return {"family": self.scorer.family, "dtype": _dtype_name(self.scorer.dtype),
+                "device": str(self.scorer.device), "max_length": self.scorer.max_length,
+                "token_budget": self.token_budget, "num_parameters": int(self.scorer.num_parameters),
+                "load_time_s": round(self.load_time_s, 3)}
+
+    def check_health(self) -> None:
+        """Called by Ray Serve periodically; raising makes it replace this replica."""
+        if self._fatal is not None:
+            raise RuntimeError(f"model {self.settings.name!r} hit a fatal device error: {self._fatal}")
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+ModelDeployment = serve.deployment(ModelReplica)

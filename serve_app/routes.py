@@ -1,0 +1,215 @@
+"""The HTTP layer of API.md: FastAPI routes over a `RerankService`, JSON errors for everything.
+
+Built per ingress replica by `create_http_app(service)`; it has no Ray imports, so the whole HTTP
+contract is unit-testable in process with a fake service backend.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.schemas import (ApiError, CohereRerankRequest, CohereRerankResponse, ErrorBody, PredictRequest,
+                               PredictScore, RerankRequest, RerankResult, TokenizedInput, TokenizeRequest,
+                               map_exception)
+from serve_app.service import VERSION, RerankService
+
+logger = logging.getLogger("ray.serve")
+
+BODY_ROUTES = frozenset({"/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/tokenize"})
+# Reachable without the API key: the health probe, and the docs page (it cannot send a header itself;
+# its "Authorize" button adds the key to the calls it makes).
+PUBLIC_ROUTES = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 429, 503)}
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse({"error": err.message, "error_type": err.error_type}, status_code=err.status,
+                        headers=err.headers or None)
+
+
+def _route_path(scope: dict) -> str:
+    """The path the app routes on (Ray Serve may mount the app under a route prefix)."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class RequestGuard:
+    """ASGI middleware in front of the routes: API key, content type, body size (API.md section 3).
+
+    The body is read here, counting bytes as they arrive, so a body without (or lying in) its
+    Content-Length is cut off at the limit instead of being buffered whole.
+    """
+
+    def __init__(self, app: Any, *, max_body_bytes: int, api_key: str | None):
+        self.app, self.max_body_bytes, self.api_key = app, max_body_bytes, api_key
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key is not None and path not in PUBLIC_ROUTES and not self._authorized(headers):
+            await self._reject(scope, receive, send, ApiError(
+                401, "Unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>`",
+                {"WWW-Authenticate": "Bearer"}))
+            return
+        if scope.get("method") == "POST" and path in BODY_ROUTES:
+            body_or_error = await self._read_body(headers, receive)
+            if isinstance(body_or_error, ApiError):
+                await self._reject(scope, receive, send, body_or_error)
+                return
+            receive = _replay(body_or_error, receive)
+        await self.app(scope, receive, send)
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    async def _read_body(self, headers: dict[str, str], receive: Callable) -> bytes | ApiError:
+        if not _is_json(headers.get("content-type", "")):
+            return ApiError(415, "Validation", f"content type {headers.get('content-type', '(none)')!r} is not "
+                                               "JSON: send `Content-Type: application/json`")
+        too_large = ApiError(413, "PayloadTooLarge", f"the body is larger than the limit of "
+                                                     f"{self.max_body_bytes} bytes: send fewer or shorter texts")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return too_large
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return too_large
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if not body.strip():
+            return ApiError(400, "Validation", "the body is empty: send a JSON object")
+        return body
+
+    @staticmethod
+    async def _reject(scope: dict, receive: Callable, send: Callable, err: ApiError) -> None:
+        logger.info("rejected %s %s: %s", scope.get("method"), scope.get("path"), err)
+        await error_response(err)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    """A `receive` that hands the already-read body to the app once, then defers to the real one."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _default_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _default_request_id) -> FastAPI:
+    """The FastAPI app of API.md over `service`; `request_id` names a request (Ray Serve's id in replicas)."""
+    app = FastAPI(
+        title="rerank-serve", version=VERSION,
+        description="Rerankers of several families behind one endpoint: TEI `/rerank` and `/predict`, "
+                    "Cohere-compatible `/v1/rerank` and `/v2/rerank`. Errors are `{error, error_type}`.")
+    app.add_middleware(RequestGuard, max_body_bytes=service.settings.max_body_bytes,
+                       api_key=service.settings.api_key.get_secret_value() if service.settings.api_key else None)
+    # Only for /docs: declares the bearer scheme so the page's "Authorize" button works (RequestGuard checks).
+    bearer = [Security(HTTPBearer(auto_error=False))] if service.settings.api_key else []
+
+    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(_: Request, exc: Exception) -> JSONResponse:
+        err = map_exception(exc)
+        if err.status == 405:  # keep Starlette's Allow header
+            err.headers = {**err.headers, **(getattr(exc, "headers", None) or {})}
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(map_exception(exc))
+
+    async def respond(work: Awaitable[Any]) -> JSONResponse:
+        try:
+            return JSONResponse(await work)
+        except Exception as exc:  # every failure becomes the JSON error of API.md section 3
+            err = map_exception(exc)
+            if err.status >= 500:
+                logger.error("request failed with %d %s: %r", err.status, err.error_type, exc,
+                             exc_info=err.status == 500)
+            else:
+                logger.info("request rejected: %s", err)
+            return error_response(err)
+
+    @app.post("/rerank", dependencies=bearer, responses={200: {"model": list[RerankResult]}, **_ERRORS},
+              summary="Rerank texts against a query (text-embeddings-inference)")
+    async def rerank(body: RerankRequest) -> JSONResponse:
+        return await respond(service.rerank(body))
+
+    @app.post("/predict", dependencies=bearer,
+              responses={200: {"model": list[PredictScore] | list[list[PredictScore]]}, **_ERRORS},
+              summary="Score one text, a pair, or a batch of them (text-embeddings-inference)")
+    async def predict(body: PredictRequest) -> JSONResponse:
+        return await respond(service.predict(body))
+
+    @app.post("/v1/rerank", dependencies=bearer, responses={200: {"model": CohereRerankResponse}, **_ERRORS},
+              summary="Rerank documents (Cohere v1 / Jina / vLLM compatible)")
+    async def rerank_v1(body: CohereRerankRequest) -> JSONResponse:
+        return await respond(service.cohere_rerank(body, request_id()))
+
+    @app.post("/v2/rerank", dependencies=bearer, responses={200: {"model": CohereRerankResponse}, **_ERRORS},
+              summary="Rerank documents (Cohere v2 compatible)")
+    async def rerank_v2(body: CohereRerankRequest) -> JSONResponse:
+        return await respond(service.cohere_rerank(body, request_id()))
+
+    @app.post("/tokenize", dependencies=bearer, responses={200: {"model": list[TokenizedInput]}, **_ERRORS},
+              summary="The token ids and tokens a model scores, after templating and truncation")
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        return await respond(service.tokenize(body))
+
+    @app.get("/info", dependencies=bearer, summary="Version, default model, and every model's settings")
+    async def info() -> JSONResponse:
+        return await respond(service.info())
+
+    @app.get("/v1/models", dependencies=bearer, summary="Served models (OpenAI list shape)")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(service.list_models())
+
+    @app.get("/health", responses={503: {"model": ErrorBody}},
+             summary="200 when every model can serve, 503 otherwise (never needs a key)")
+    async def health() -> JSONResponse:
+        try:
+            ok, why = await service.health()
+        except Exception as exc:
+            ok, why = False, f"health check failed: {exc!r}"
+        if ok:
+            return JSONResponse({"status": "ok"})
+        return error_response(ApiError(503, "Unhealthy", why))
+
+    return app

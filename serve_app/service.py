@@ -1,0 +1,286 @@
+"""What each route does, without Ray or HTTP: validate, tokenize, one score call per request, shape.
+
+`RerankService` holds one tokenizer-only `Encoder` per model (models/) and one `ModelBackend` per model:
+in production a Ray Serve handle to that model's deployment (deployments/ingress.py), in unit tests a
+fake. Everything that can fail on user input fails here, before anything reaches a model replica.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from models.encoded import EncodedBatch
+from models.errors import InputError
+from serve_app.schemas import (ApiError, CohereRerankRequest, PredictRequest, RerankRequest, TokenizeRequest,
+                               predict_items)
+from serve_app.settings import AppSettings, ModelSettings
+
+logger = logging.getLogger("ray.serve")
+
+try:
+    from importlib.metadata import version as _pkg_version
+    VERSION = _pkg_version("rerank-serve")
+except Exception:  # not installed (running from a checkout)
+    VERSION = "0.1.0"
+
+DESCRIBE_TIMEOUT_S = 5.0
+
+
+class ModelBackend(Protocol):
+    """Where a model's scores come from (a deployment handle in production)."""
+
+    async def score(self, batch: EncodedBatch) -> np.ndarray:
+        """Raw float32 scores of every sequence of `batch`, in order."""
+
+    async def describe(self) -> dict[str, Any]:
+        """Facts only the loaded model knows: family, dtype, device, max_length, token_budget, ..."""
+
+    async def ready(self) -> tuple[bool, str]:
+        """(can serve now, why not)."""
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function in float64 (no overflow warnings for |x| > 709)."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def rank_order(scores: np.ndarray, top_n: int | None) -> np.ndarray:
+    """Indices by score descending, ties by ascending index, cut to `top_n`."""
+    idx = np.arange(len(scores))
+    order = np.lexsort((idx, -np.asarray(scores, dtype=np.float64)))
+    return order[:top_n] if top_n is not None else order
+
+
+def _json_float(x: float) -> float | None:
+    # JSON has no NaN/Infinity; a non-finite score (e.g. an fp16 overflow) is reported as null.
+    return float(x) if math.isfinite(x) else None
+
+
+class RerankService:
+    def __init__(self, settings: AppSettings, encoders: Mapping[str, Any], backends: Mapping[str, ModelBackend]):
+        names = [m.name for m in settings.models]
+        if set(encoders) != set(names) or set(backends) != set(names):
+            raise ValueError(f"need an encoder and a backend for every model {names}")
+        self.settings = settings
+        self.encoders = dict(encoders)
+        self.backends = dict(backends)
+        self._described: dict[str, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------------------------------- helpers
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.settings.models]
+
+    def resolve(self, name: str | None) -> ModelSettings:
+        name = name if name is not None else self.settings.default_model
+        if name not in self.encoders:
+            raise ApiError(404, "UnknownModel", f"model {name!r} is not served; served models: "
+                                                f"{', '.join(self.model_names)}")
+        return self.settings.model(name)
+
+    def _check_instruction(self, model: ModelSettings, instruction: str | None) -> None:
+        if instruction is not None and not self.encoders[model.name].accepts_instruction:
+            raise ApiError(422, "Validation", f"model {model.name!r} takes no `instruction`; remove it "
+                                              "(only instruction-aware models such as Qwen3-Reranker take one)")
+
+    def _check_count(self, field: str, n: int) -> None:
+        if n == 0:
+            raise ApiError(400, "Empty", f"`{field}` is empty: send at least one")
+        if n > self.settings.max_candidates:
+            raise ApiError(422, "Validation", f"`{field}` has {n} entries, more than the limit of "
+                                              f"{self.settings.max_candidates} per request: split the request")
+
+    async def encode(self, model: ModelSettings, items: Sequence[tuple[str, str | None]], field: str,
+                     **kwargs: Any) -> EncodedBatch:
+        """Template + tokenize in a worker thread (keeps the event loop free for other requests)."""
+        encoder = self.encoders[model.name]
+        try:  # models' encoders are safe to call from several threads at once
+            return await asyncio.to_thread(encoder.encode, items, **kwargs)
+        except InputError as e:
+            where = f"`{field}[{e.index}]`: " if e.index is not None else ""
+            raise ApiError(422, "Validation", f"{where}{e}") from e
+
+    async def score(self, model: ModelSettings, batch: EncodedBatch) -> np.ndarray:
+        """Raw scores of `batch` from the model's deployment: one call for the whole request."""
+        start = time.perf_counter()
+        raw = np.asarray(await self.backends[model.name].score(batch), dtype=np.float32)
+        if raw.shape != (len(batch),):
+            raise RuntimeError(f"model {model.name!r} returned {raw.shape} scores for {len(batch)} inputs")
+        logger.info("model=%s pairs=%d tokens=%d score_ms=%.1f", model.name, len(batch), batch.num_tokens,
+                    (time.perf_counter() - start) * 1e3)
+        return raw
+
+    async def _rank(self, model: ModelSettings, query: str, texts: list[str], field: str, *,
+                    truncate: bool | None = None, direction: str = "right", instruction: str | None = None,
+                    max_tokens_per_doc: int | None = None) -> tuple[np.ndarray, int]:
+        self._check_instruction(model, instruction)
+        batch = await self.encode(model, [(query, t) for t in texts], field,
+                                  truncate=truncate is not False, direction=direction,
+                                  instruction=instruction, max_tokens_per_doc=max_tokens_per_doc)
+        return await self.score(model, batch), batch.num_tokens
+
+    # ----------------------------------------------------------------------------------------- routes
+    async def rerank(self, req: RerankRequest) -> list[dict[str, Any]]:
+        """POST /rerank (TEI)."""
+        if not req.query:
+            raise ApiError(400, "Empty", "`query` is empty")
+        self._check_count("texts", len(req.texts))
+        model = self.resolve(req.model)
+        raw, _ = await self._rank(model, req.query, req.texts, "texts", truncate=req.truncate,
+                                  direction=req.truncation_direction, instruction=req.instruction)
+        scores = raw.astype(np.float64) if req.raw_scores else sigmoid(raw)
+        out = []
+        for i in rank_order(scores, req.top_n):
+            item: dict[str, Any] = {"index": int(i), "score": _json_float(scores[i])}
+            if req.return_text:
+                item["text"] = req.texts[i]
+            out.append(item)
+        return out
+
+    async def cohere_rerank(self, req: CohereRerankRequest, request_id: str) -> dict[str, Any]:
+        """POST /v1/rerank and /v2/rerank (Cohere)."""
+        if not req.query:
+            raise ApiError(400, "Empty", "`query` is empty")
+        self._check_count("documents", len(req.documents))
+        model = self.resolve(req.model)
+        texts = req.texts()
+        raw, num_tokens = await self._rank(model, req.query, texts, "documents", instruction=req.instruction,
+                                           max_tokens_per_doc=req.max_tokens_per_doc)
+        scores = sigmoid(raw)
+        results = []
+        for i in rank_order(scores, req.top_n):
+            item: dict[str, Any] = {"index": int(i), "relevance_score": _json_float(scores[i])}
+            if req.return_documents:
+                item["document"] = {"text": texts[i]}
+            results.append(item)
+        return {"id": request_id, "model": model.name, "results": results,
+                "meta": {"billed_units": {"search_units": 1}, "tokens": {"input_tokens": num_tokens}},
+                "usage": {"total_tokens": num_tokens}}
+
+    async def predict(self, req: PredictRequest) -> list[Any]:
+        """POST /predict (TEI): a single input gives [{score, label}], a batch [[{score, label}], ...]."""
+        items, is_batch = predict_items(req.inputs)
+        self._check_count("inputs", len(items))
+        model = self.resolve(req.model)
+        self._check_instruction(model, req.instruction)
+        encoder = self.encoders[model.name]
+        if not encoder.accepts_single:
+            for i, (_, second) in enumerate(items):
+                if second is None:
+                    where = f"`inputs[{i}]`" if is_batch else "`inputs`"
+                    raise ApiError(422, "Validation", f"{where} is a single text, but model {model.name!r} "
+                                                      "scores (query, document) pairs only: send two texts")
+        batch = await self.encode(model, items, "inputs", truncate=req.truncate is not False,
+                                  direction=req.truncation_direction, instruction=req.instruction)
+        raw = await self.score(model, batch)
+        scores = raw.astype(np.float64) if req.raw_scores else sigmoid(raw)
+        label = (encoder.id2label or {}).get(0, "LABEL_0")
+        per_input = [[{"score": _json_float(s), "label": label}] for s in scores]
+        return per_input if is_batch else per_input[0]
+
+    async def tokenize(self, req: TokenizeRequest) -> list[dict[str, Any]]:
+        """POST /tokenize: per input, the ids and tokens the model scores (after templating, truncation)."""
+        items, _ = predict_items(req.inputs)
+        self._check_count("inputs", len(items))
+        model = self.resolve(req.model)
+        self._check_instruction(model, req.instruction)
+        batch = await self.encode(model, items, "inputs", truncate=req.truncate is not False,
+                                  direction=req.truncation_direction, instruction=req.instruction)
+        encoder = self.encoders[model.name]
+        out = []
+        for i in range(len(batch)):
+            ids = [int(t) for t in batch.sequence(i)]
+            entry: dict[str, Any] = {"ids": ids, "tokens": list(encoder.convert_ids_to_tokens(ids)),
+                                     "num_tokens": len(ids)}
+            types = batch.token_types(i)
+            if types is not None:
+                entry["token_type_ids"] = [int(t) for t in types]
+            out.append(entry)
+        return out
+
+    async def _describe(self, name: str) -> dict[str, Any] | None:
+        """The loaded model's facts, fetched once from a replica; None while it cannot answer."""
+        if name not in self._described:
+            try:
+                self._described[name] = dict(await asyncio.wait_for(self.backends[name].describe(),
+                                                                    DESCRIBE_TIMEOUT_S))
+            except Exception as e:  # a model that is down must not break /info
+                logger.warning("describe(%s) failed: %s", name, e)
+                return None
+        return self._described[name]
+
+    def _model_info(self, model: ModelSettings, loaded: dict[str, Any] | None) -> dict[str, Any]:
+        encoder = self.encoders[model.name]
+        loaded = loaded or {}
+        return {
+            "name": model.name,
+            "model_id": model.model_id,
+            "revision": model.revision,
+            "family": encoder.family,
+            "dtype": loaded.get("dtype", model.dtype),
+            "device": loaded.get("device", model.resolved_device),
+            "max_input_length": encoder.max_length,
+            "id2label": {str(k): v for k, v in (encoder.id2label or {0: "LABEL_0"}).items()},
+            "accepts_single_text": encoder.accepts_single,
+            "accepts_instruction": encoder.accepts_instruction,
+            "default_instruction": encoder.default_instruction,
+            "num_parameters": loaded.get("num_parameters"),
+            "loaded": bool(loaded),
+            "batching": {
+                "token_budget": loaded.get("token_budget", model.token_budget),
+                "max_batch_wait_s": model.max_batch_wait_s,
+                "max_ongoing_requests": model.max_ongoing_requests,
+                "max_queued_requests": model.max_queued_requests,
+            },
+            "serving": {
+                "num_replicas": None if model.autoscaling_config else model.num_replicas,
+                "autoscaling_config": model.autoscaling_config,
+                "num_cpus": model.resolved_num_cpus,
+                "num_gpus": model.num_gpus,
+            },
+        }
+
+    async def info(self) -> dict[str, Any]:
+        """GET /info: service and per-model facts (plus TEI's top-level fields for the default model)."""
+        loaded = await asyncio.gather(*(self._describe(m.name) for m in self.settings.models))
+        models = [self._model_info(m, d) for m, d in zip(self.settings.models, loaded)]
+        default = next(m for m in models if m["name"] == self.settings.default_model)
+        return {
+            "version": VERSION,
+            "default_model": self.settings.default_model,
+            "models": models,
+            "max_client_batch_size": self.settings.max_candidates,
+            "max_body_bytes": self.settings.max_body_bytes,
+            "auth_required": self.settings.api_key is not None,
+            # TEI /info field names, for the default model.
+            "model_id": default["model_id"],
+            "model_dtype": default["dtype"],
+            "max_input_length": default["max_input_length"],
+            "max_batch_tokens": default["batching"]["token_budget"],
+        }
+
+    def list_models(self) -> dict[str, Any]:
+        """GET /v1/models (OpenAI list shape)."""
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "rerank-serve", "root": m.model_id,
+             "max_model_len": self.encoders[m.name].max_length}
+            for m in self.settings.models]}
+
+    async def health(self) -> tuple[bool, str]:
+        """GET /health: every model can serve."""
+        states = await asyncio.gather(*(self.backends[n].ready() for n in self.model_names),
+                                      return_exceptions=True)
+        bad = []
+        for name, state in zip(self.model_names, states):
+            if isinstance(state, BaseException):
+                bad.append(f"{name} ({type(state).__name__}: {state})")
+            elif not state[0]:
+                bad.append(f"{name} ({state[1]})")
+        return (not bad, "models not ready: " + "; ".join(bad) if bad else "ok")

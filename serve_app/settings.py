@@ -1,0 +1,169 @@
+"""The one argument of `build_app`: what to serve and how (API.md section 4).
+
+The same pydantic model is filled from a `serve run`/`serve deploy` YAML (`applications[].args`), from
+Python (a dict or an `AppSettings`), and is what the ingress and model replicas receive.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, field_validator, model_validator
+
+DEFAULT_MODEL_ID = "cross-encoder/ettin-reranker-17m-v1"
+API_KEY_ENV = "RERANK_API_KEY"
+HF_TOKEN_ENV = "HF_TOKEN"
+
+# Several CPU models plus the ingress must start on a 2-core machine under a plain `serve run`
+# (Ray's default of 1 CPU per replica would leave the third replica pending forever).
+DEFAULT_MODEL_CPUS = 0.5
+DEFAULT_GPU_MODEL_CPUS = 1.0
+DEFAULT_INGRESS_CPUS = 0.25
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+
+def _env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name, "").strip()
+    return SecretStr(value) if value else None
+
+
+class ModelSettings(BaseModel):
+    """One served model: what to load (models/) and how its deployment runs (Ray Serve)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # What to load.
+    name: str = Field(default="", description="Name clients put in `model`; default: the model_id.")
+    model_id: str = Field(description="Hugging Face Hub id or local directory.")
+    revision: str | None = None
+    family: Literal["auto", "modular", "seq_cls", "qwen3"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_length: PositiveInt | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # How it is served.
+    num_replicas: Union[PositiveInt, Literal["auto"]] = 1
+    autoscaling_config: dict[str, Any] | None = None
+    num_cpus: float | None = Field(default=None, ge=0, description=(
+        f"CPUs reserved per replica; default {DEFAULT_MODEL_CPUS} on CPU, {DEFAULT_GPU_MODEL_CPUS} with a GPU."))
+    num_gpus: float = Field(default=0, ge=0, description="GPU share per replica; > 0 serves on CUDA.")
+    accelerator_type: str | None = None
+    token_budget: PositiveInt | None = Field(default=None, description=(
+        "Tokens per forward batch across requests; default chosen by models/ for the device."))
+    max_batch_wait_s: float = Field(default=0.005, ge=0, le=10)
+    max_ongoing_requests: PositiveInt = 32
+    max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded (no 429s).")
+    retry_after_s: float = Field(default=1.0, ge=0, description="`Retry-After` sent with a 429.")
+    health_check_period_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name") and data.get("model_id"):
+            data = {**data, "name": default_model_name(str(data["model_id"]))}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"model name {v!r} must be 1-128 characters of letters, digits and ._:/@+- "
+                             "starting with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _check_scaling(self) -> "ModelSettings":
+        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set \
+                and self.num_replicas != "auto":
+            raise ValueError(f"model {self.name!r}: set either num_replicas or autoscaling_config, not both")
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError(f"model {self.name!r}: device 'cuda' needs num_gpus > 0 so Ray gives the "
+                             "replica a GPU")
+        if self.device == "cpu" and self.num_gpus > 0:
+            raise ValueError(f"model {self.name!r}: num_gpus > 0 with device 'cpu' would reserve an unused GPU")
+        return self
+
+    @property
+    def resolved_device(self) -> str:
+        """The device the replica loads onto: CUDA exactly when Ray gives the replica a GPU share."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def resolved_num_cpus(self) -> float:
+        if self.num_cpus is not None:
+            return self.num_cpus
+        return DEFAULT_GPU_MODEL_CPUS if self.num_gpus > 0 else DEFAULT_MODEL_CPUS
+
+
+class IngressSettings(BaseModel):
+    """The HTTP ingress: tokenization and templating run here, so it scales separately from the models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: Union[PositiveInt, Literal["auto"]] = 1
+    autoscaling_config: dict[str, Any] | None = None
+    num_cpus: float = Field(default=DEFAULT_INGRESS_CPUS, ge=0)
+    max_ongoing_requests: PositiveInt = 256
+
+
+class AppSettings(BaseModel):
+    """Arguments of `serve_app:build_app`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelSettings] = Field(
+        default_factory=lambda: [ModelSettings(model_id=DEFAULT_MODEL_ID)], min_length=1)
+    default_model: str | None = Field(default=None, description="Name of the default model; else the first.")
+    api_key: SecretStr | None = Field(
+        default_factory=lambda: _env_secret(API_KEY_ENV),
+        description=f"Bearer key required on every route but /health; default from ${API_KEY_ENV}.")
+    hf_token: SecretStr | None = Field(
+        default_factory=lambda: _env_secret(HF_TOKEN_ENV),
+        description=f"Hugging Face token for gated/private models; default from ${HF_TOKEN_ENV}.")
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    max_candidates: PositiveInt = 1000
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+
+    @field_validator("api_key", "hf_token", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "AppSettings":
+        seen: dict[str, str] = {}
+        for m in self.models:
+            key = deployment_name(m.name)
+            if key in seen:
+                raise ValueError(f"model names {seen[key]!r} and {m.name!r} map to the same deployment "
+                                 f"{key!r}: give each model a distinct name")
+            seen[key] = m.name
+        names = [m.name for m in self.models]
+        if self.default_model is None:
+            self.default_model = names[0]
+        elif self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not one of the served models {names}")
+        return self
+
+    def model(self, name: str) -> ModelSettings:
+        return next(m for m in self.models if m.name == name)
+
+
+def default_model_name(model_id: str) -> str:
+    """A Hub id names itself ("org/name"); a local directory is named by its last component.
+
+    Decided from the string alone: settings are validated on the machine that builds the app, which
+    need not be the one that holds the model.
+    """
+    is_path = model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
+    return Path(model_id.rstrip("/")).name if is_path else model_id
+
+
+def deployment_name(model_name: str) -> str:
+    """The Ray Serve deployment name of a model: `model-<name>` with characters Ray dislikes replaced."""
+    return "model-" + re.sub(r"[^A-Za-z0-9._-]", "-", model_name)

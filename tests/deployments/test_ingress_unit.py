@@ -1,0 +1,36 @@
+"""When the ingress considers a model able to serve (from Serve's status), without Ray running."""
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import pytest
+from ray.serve._private.common import DeploymentStatus, ReplicaState
+
+from deployments.ingress import deployment_readiness
+
+
+def status(dep_status, running=0, starting=0, app="app", name="model-a"):
+    states = {ReplicaState.RUNNING: running, ReplicaState.STARTING: starting}
+    deployment = NS(status=dep_status, replica_states={k: v for k, v in states.items() if v}, message="why")
+    return NS(applications={app: NS(deployments={name: deployment})})
+
+
+@pytest.mark.parametrize("dep_status, running, ok", [
+    (DeploymentStatus.HEALTHY, 1, True),
+    (DeploymentStatus.UNHEALTHY, 1, True),       # one replica of several failing: the others still serve
+    (DeploymentStatus.HEALTHY, 0, True),         # scaled to zero: a request starts a replica (cold start)
+    (DeploymentStatus.UPSCALING, 0, True),       # that replica is starting
+    (DeploymentStatus.UNHEALTHY, 0, False),      # replicas died and none came back
+    (DeploymentStatus.DEPLOY_FAILED, 0, False),
+    (DeploymentStatus.UPDATING, 0, False),       # not loaded yet
+])
+def test_deployment_readiness(dep_status, running, ok):
+    got, why = deployment_readiness(status(dep_status, running), "app", "model-a")
+    assert got is ok
+    if not ok:
+        assert dep_status.value in why
+
+
+def test_missing_deployment_or_app_is_not_ready():
+    assert deployment_readiness(status(DeploymentStatus.HEALTHY, 1), "app", "model-b")[0] is False
+    assert deployment_readiness(status(DeploymentStatus.HEALTHY, 1), "other", "model-a")[0] is False
