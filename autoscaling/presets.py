@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 POLICY_FUNCTION = "autoscaling.policy:WorkPolicy"
 
@@ -78,6 +79,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("scale-to-zero", 0, 2.0, 1.0, 1.0, 32, initial_replicas=1),
 )}
 FIXED = "fixed"
+UNBOUNDED_QUEUE = -1  # Ray's max_queued_requests for "no limit"
 DEFAULT_PRESET = "balanced"
 PRESET_NAMES = (*PRESETS, FIXED)
 
@@ -92,7 +94,8 @@ def size_class(num_parameters: int | None) -> SizeClass:
 def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: float,
                         preset: str | None = None, overrides: Mapping[str, Any] | None = None,
                         token_budget: int | None = None,
-                        max_ongoing_requests: int | None = None) -> dict[str, Any]:
+                        max_ongoing_requests: int | None = None,
+                        max_queued_requests: int | None = None) -> dict[str, Any]:
     """The Ray deployment options that make one model deployment scale on its work.
 
     Args:
@@ -114,18 +117,25 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
             None when it is only resolved in the replica: the policy's target is then kept in budgets
             and each replica reports its budget (``WorkTracker(token_budget=...)``).
         max_ongoing_requests: the model's explicit setting, if any; else the preset's.
+        max_queued_requests: the model's explicit setting, if any (-1 = unbounded). Returned unchanged
+            when given; when not, a model that may scale to zero gets -1 (see below), others none (the
+            caller keeps its own default).
 
     Returns:
         Autoscaling: ``{"autoscaling_config": {...}, "max_ongoing_requests": n,
-        "graceful_shutdown_timeout_s": s}``; "fixed": ``{"num_replicas": n, "max_ongoing_requests": n,
-        "graceful_shutdown_timeout_s": s}``. Pass it to ``Deployment.options(**...)``, and do not pass
-        ``num_replicas`` next to an ``autoscaling_config`` (Ray rejects the pair).
+        "graceful_shutdown_timeout_s": s}`` (+ ``"max_queued_requests"``, see above); "fixed":
+        ``{"num_replicas": n, "max_ongoing_requests": n, "graceful_shutdown_timeout_s": s}``. Pass it to
+        ``Deployment.options(**...)``, and do not pass ``num_replicas`` next to an ``autoscaling_config``
+        (Ray rejects the pair, and ``num_replicas="auto"`` would merge Ray's own defaults in).
 
     A model allowed to scale to zero (``min_replicas: 0``) keeps its requests: while a deployment has no
     replica, Ray 2.60 queues each request at the caller's handle, pushes the handle's metrics to the
     controller at once, and the controller starts a replica without waiting for ``upscale_delay_s``;
-    the request is sent when the replica is up. Only ``max_queued_requests`` (backpressure) or an
-    HTTP ``request_timeout_s`` can fail it meanwhile, so keep them generous for such models.
+    the request is sent when the replica is up. Meanwhile every request of the burst is "queued" at
+    its handle, and Ray's router rejects (429) any request past ``max_queued_requests`` queued at one
+    handle (``Router.wrap_request_assignment``): so such a model gets ``max_queued_requests: -1`` unless
+    the caller sets a bound on purpose. The caller's own ``max_ongoing_requests`` (the ingress's)
+    still bounds what one calling replica can hold.
     """
     if token_budget is not None and (not isinstance(token_budget, int) or isinstance(token_budget, bool)
                                      or token_budget <= 0):
@@ -146,9 +156,12 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
         replicas = settings.get("num_replicas", 1)
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
             raise ValueError(f"num_replicas must be an int >= 1, got {replicas!r}")
-        return {"num_replicas": replicas,
-                "max_ongoing_requests": max_ongoing_requests or PRESETS[DEFAULT_PRESET].max_ongoing_requests,
-                "graceful_shutdown_timeout_s": size.graceful_shutdown_timeout_s}
+        fixed = {"num_replicas": replicas,
+                 "max_ongoing_requests": max_ongoing_requests or PRESETS[DEFAULT_PRESET].max_ongoing_requests,
+                 "graceful_shutdown_timeout_s": size.graceful_shutdown_timeout_s}
+        if max_queued_requests is not None:
+            fixed["max_queued_requests"] = max_queued_requests
+        return fixed
 
     unknown = set(settings) - RAY_AUTOSCALING_FIELDS - POLICY_FIELDS
     if unknown:
@@ -184,8 +197,14 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
         # Start with a replica anyway: the deploy then proves the model loads, as it does for the others.
         config.setdefault("initial_replicas", 1)
     config.setdefault("policy", {"policy_function": POLICY_FUNCTION, "policy_kwargs": policy_kwargs})
-    return {"autoscaling_config": config, "max_ongoing_requests": ongoing,
-            "graceful_shutdown_timeout_s": size.graceful_shutdown_timeout_s}
+    options = {"autoscaling_config": config, "max_ongoing_requests": ongoing,
+               "graceful_shutdown_timeout_s": size.graceful_shutdown_timeout_s}
+    if max_queued_requests is not None:
+        options["max_queued_requests"] = max_queued_requests
+    elif config["min_replicas"] == 0:
+        # A cold start queues the whole burst at the handle: a bound would turn its tail into 429s.
+        options["max_queued_requests"] = UNBOUNDED_QUEUE
+    return options
 
 
 def _policy_kwargs(settings: dict[str, Any], p: Preset, token_budget: int | None) -> dict[str, Any]:
@@ -210,24 +229,73 @@ def _policy_kwargs(settings: dict[str, Any], p: Preset, token_budget: int | None
     return {"metric": metric, "target_per_replica": float(budgets) * token_budget}
 
 
-def count_parameters(model: str | Path, revision: str | None = None, token: str | None = None) -> int | None:
+def count_parameters(model: str | Path, revision: str | None = None, token: str | None = None,
+                     timeout_s: float = 5.0) -> int | None:
     """The parameter count of a model, read from its safetensors headers only (no weights loaded).
 
     ``model`` is a local directory (every ``*.safetensors`` under it, sub-modules such as
-    ``1_Dense/`` included) or a Hub id (``huggingface_hub.get_safetensors_metadata``: header requests
-    only). Returns None when it cannot be found (no safetensors, no network): presets then use "small".
+    ``1_Dense/`` included) or a Hub id: first the local Hugging Face cache (no network), else the Hub's
+    header requests (``huggingface_hub.get_safetensors_metadata``), given at most ``timeout_s`` in all.
+    Returns None when it cannot be found (no safetensors, no network, too slow, any error): presets
+    then use "small". Never raises, so sizing can never fail or stall an app build.
     """
-    path = Path(model)
-    if path.is_dir():
-        files = sorted(path.rglob("*.safetensors"))
-        return sum(_safetensors_count(f) for f in files) if files else None
     try:
-        from huggingface_hub import get_safetensors_metadata
-
-        metadata = get_safetensors_metadata(str(model), revision=revision, token=token)
-        return int(sum(metadata.parameter_count.values()))
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return _count_dir(path)
+        cached = _cached_snapshot(str(model), revision)
+        if cached is not None:
+            return cached
+        return _bounded(lambda: _count_on_hub(str(model), revision, token, timeout_s), timeout_s)
     except Exception:  # noqa: BLE001 - any failure just means "unknown size"
         return None
+
+
+def _count_dir(path: Path) -> int | None:
+    files = sorted(path.rglob("*.safetensors"))
+    return sum(_safetensors_count(f) for f in files) if files else None
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> int | None:
+    """The count from a complete cached snapshot (e.g. on a node that served the model before)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a valid id): ask the Hub
+        return None
+    for index in root.rglob("*.safetensors.index.json"):  # a sharded checkpoint: every shard present?
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        if not all((index.parent / shard).is_file() for shard in shards):
+            return None
+    return _count_dir(root)
+
+
+def _count_on_hub(repo_id: str, revision: str | None, token: str | None, timeout_s: float) -> int:
+    from huggingface_hub import get_safetensors_metadata
+
+    metadata = get_safetensors_metadata(repo_id, revision=revision, token=token, timeout=timeout_s)
+    return int(sum(metadata.parameter_count.values()))
+
+
+def _bounded(fn: Callable[[], int], timeout_s: float) -> int | None:
+    """``fn()`` in a daemon thread, None if it fails or has not returned within ``timeout_s``.
+
+    The Hub timeout is per request and a lookup makes several; a daemon thread left behind by an
+    unresponsive network never holds up the build (nor the interpreter's exit).
+    """
+    result: list[int] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except Exception:  # noqa: BLE001 - no network, no such repo, no safetensors: "unknown"
+            pass
+
+    worker = threading.Thread(target=run, name="count-parameters", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return result[0] if result else None
 
 
 def _safetensors_count(file: Path) -> int:

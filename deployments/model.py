@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from ray import serve
 
+from autoscaling import WorkTracker
 from models.encoded import EncodedBatch
 from serve_app.settings import ModelSettings
 
@@ -122,14 +123,24 @@ class ModelReplica:
         self._forward_lock = threading.Lock()
         self._fatal: str | None = None
         self.metrics = _Metrics(model.name)
+        # The work this replica holds, for the work-based autoscaling policy (autoscaling/policy.py).
+        self.work = WorkTracker(token_budget=self.token_budget)
 
     async def score(self, batch: EncodedBatch) -> np.ndarray:
         """Raw float32 scores of every sequence of `batch` (one request), in order."""
         arrived = time.monotonic()
-        pieces = split_by_budget(batch, self.token_budget)
-        parts = await asyncio.gather(*(self._score_piece(p, arrived) for p in pieces))
+        # Held from arrival to answer: waiting in the batch queue counts as much as being scored.
+        with self.work.track(tokens=batch.num_tokens, pairs=len(batch)):
+            pieces = split_by_budget(batch, self.token_budget)
+            parts = await asyncio.gather(*(self._score_piece(p, arrived) for p in pieces))
         self.metrics.latency.observe(time.monotonic() - arrived)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling metrics hook (2.60: called on the replica every
+        `look_back_period_s` x 0.2, at most `metrics_interval_s`; a dict of str -> int | float, or the
+        replica disables it). The mean work held since the last call, and this replica's token budget."""
+        return self.work.autoscaling_stats()
 
     async def _score_piece(self, piece: EncodedBatch, arrived: float) -> np.ndarray:
         if piece.num_tokens > self.token_budget:

@@ -4,20 +4,29 @@ No `from __future__ import annotations` here: Ray reads the builder's parameter 
 to validate `serve run` / `serve deploy` args into `AppSettings`.
 """
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
+from autoscaling import autoscaling_options, count_parameters
 from serve_app.settings import AppSettings, ModelSettings, deployment_name
 
 logger = logging.getLogger(__name__)
 
+COUNT_TIMEOUT_S = 5.0  # at most this long to size the models from the Hub (then: "unknown size")
+UNCOUNTED = object()  # deployment_options: count the parameters itself
 
-def deployment_options(model: ModelSettings) -> dict[str, Any]:
+
+def deployment_options(model: ModelSettings, hf_token: str | None = None,
+                       num_parameters: int | None | object = UNCOUNTED) -> dict[str, Any]:
     """Ray Serve `.options(...)` of a model's deployment: the ONE place settings become Ray options.
 
-    (Autoscaling presets plug in here: they turn `model.autoscaling_config` into Ray's dict.)
+    With `autoscaling_config` or `num_replicas: auto`, the autoscaling preset (autoscaling/presets.py)
+    decides the replica bounds, delays, the work-based policy, `max_ongoing_requests` (unless set)
+    and, for a model that may scale to zero, an unbounded `max_queued_requests` (unless set).
+    `num_parameters` sizes the preset (None: unknown); by default it is counted here.
     """
     actor: dict[str, Any] = {"num_cpus": model.resolved_num_cpus}
     if model.num_gpus > 0:
@@ -31,15 +40,52 @@ def deployment_options(model: ModelSettings) -> dict[str, Any]:
         "max_queued_requests": model.max_queued_requests,
         "health_check_period_s": model.health_check_period_s,
     }
-    if model.max_queued_requests >= 0:
-        # Over the queue limit a caller gets a 429 with Retry-After instead of waiting without end.
-        options["backpressure_config"] = {"status_code": 429, "retry_after_s": model.retry_after_s}
-    if model.autoscaling_config is not None:
-        options["autoscaling_config"] = dict(model.autoscaling_config)
-        if model.num_replicas == "auto":
-            options["num_replicas"] = "auto"
+    if model.autoscales:
+        # Never `num_replicas="auto"` next to it: Ray would merge its own defaults into the preset's.
+        if num_parameters is UNCOUNTED:
+            num_parameters = model_size(model, hf_token)
+        options.update(model_autoscaling_options(model, num_parameters))
     else:
         options["num_replicas"] = model.num_replicas
+    if options["max_queued_requests"] >= 0:
+        # Over the queue limit a caller gets a 429 with Retry-After instead of waiting without end.
+        options["backpressure_config"] = {"status_code": 429, "retry_after_s": model.retry_after_s}
+    return options
+
+
+def model_size(model: ModelSettings, hf_token: str | None = None) -> int | None:
+    """The parameter count that sizes an autoscaling preset, None when it cannot be had quickly.
+
+    Safetensors headers only (a local directory, the local HF cache, or a few Hub requests bounded by
+    COUNT_TIMEOUT_S); it never raises, so sizing can neither fail nor stall the build.
+    """
+    return count_parameters(model.model_id, revision=model.revision, token=hf_token, timeout_s=COUNT_TIMEOUT_S)
+
+
+def model_sizes(models: list[ModelSettings], hf_token: str | None = None) -> dict[str, int | None]:
+    """`model_size` of every autoscaling model, looked up concurrently (one timeout for all, not N)."""
+    scaled = [m for m in models if m.autoscales]
+    if not scaled:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(scaled)), thread_name_prefix="model-size") as pool:
+        return dict(zip([m.name for m in scaled], pool.map(lambda m: model_size(m, hf_token), scaled)))
+
+
+def model_autoscaling_options(model: ModelSettings, num_parameters: int | None) -> dict[str, Any]:
+    """The preset's options for an autoscaling model of `num_parameters` parameters (None: unknown)."""
+    config = dict(model.autoscaling_config or {})
+    explicit = model.model_fields_set
+    options = autoscaling_options(
+        num_parameters=num_parameters, device=model.resolved_device, num_gpus=model.num_gpus,
+        preset=config.pop("preset", None), overrides=config, token_budget=model.token_budget,
+        max_ongoing_requests=model.max_ongoing_requests if "max_ongoing_requests" in explicit else None,
+        max_queued_requests=model.max_queued_requests if "max_queued_requests" in explicit else None)
+    scaling = options.get("autoscaling_config")
+    if scaling is not None and scaling["min_replicas"] == 0 and options.get("max_queued_requests", -1) >= 0:
+        logger.warning("model %r scales to zero with max_queued_requests=%d: requests past that many, "
+                       "queued during a cold start, get 429", model.name, options["max_queued_requests"])
+    logger.info("model %r: %s parameters, autoscaling %s", model.name,
+                f"{num_parameters:,}" if num_parameters else "unknown number of", scaling or options)
     return options
 
 
@@ -83,8 +129,11 @@ def build_app(args: AppSettings) -> Application:
 
     settings = args if isinstance(args, AppSettings) else AppSettings.model_validate(args)
     hf_token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    handles = {}
     for model in settings.models:
         check_model_source(model)
-        handles[model.name] = ModelDeployment.options(**deployment_options(model)).bind(model, hf_token)
+    sizes = model_sizes(settings.models, hf_token)
+    handles = {}
+    for model in settings.models:
+        options = deployment_options(model, hf_token, num_parameters=sizes.get(model.name))
+        handles[model.name] = ModelDeployment.options(**options).bind(model, hf_token)
     return Ingress.options(**ingress_options(settings)).bind(settings, handles)

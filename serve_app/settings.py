@@ -45,8 +45,12 @@ class ModelSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     # How it is served.
-    num_replicas: Union[PositiveInt, Literal["auto"]] = 1
-    autoscaling_config: dict[str, Any] | None = None
+    num_replicas: Union[PositiveInt, Literal["auto"]] = Field(default=1, description=(
+        "Fixed replica count, or 'auto': autoscaling with the default preset."))
+    autoscaling_config: dict[str, Any] | None = Field(default=None, description=(
+        "Autoscaling on the work held (docs/AUTOSCALING.md): `preset` (balanced | latency | throughput | "
+        "scale-to-zero | fixed) and overrides of it (any field of Ray's AutoscalingConfig, `metric`, "
+        "`target_work_per_replica`, `target_budgets_per_replica`). Unknown keys are an error."))
     num_cpus: float | None = Field(default=None, ge=0, description=(
         f"CPUs reserved per replica; default {DEFAULT_MODEL_CPUS} on CPU, {DEFAULT_GPU_MODEL_CPUS} with a GPU."))
     num_gpus: float = Field(default=0, ge=0, description="GPU share per replica; > 0 serves on CUDA.")
@@ -84,7 +88,33 @@ class ModelSettings(BaseModel):
                              "replica a GPU")
         if self.device == "cpu" and self.num_gpus > 0:
             raise ValueError(f"model {self.name!r}: num_gpus > 0 with device 'cpu' would reserve an unused GPU")
+        if self.autoscales:
+            self._check_autoscaling()
         return self
+
+    def _check_autoscaling(self) -> None:
+        """Fail at validation (before anything deploys) on a setting the preset or Ray would reject.
+
+        Runs the preset with an unknown size: whether the settings are valid does not depend on it.
+        """
+        from ray.serve.config import AutoscalingConfig
+
+        from autoscaling import autoscaling_options
+
+        config = dict(self.autoscaling_config or {})
+        try:
+            options = autoscaling_options(num_parameters=None, device=self.resolved_device, num_gpus=self.num_gpus,
+                                          preset=config.pop("preset", None), overrides=config,
+                                          token_budget=self.token_budget)
+            if "autoscaling_config" in options:
+                AutoscalingConfig(**options["autoscaling_config"])
+        except Exception as exc:  # noqa: BLE001 - the preset's ValueError, Ray's ValidationError or ImportError
+            raise ValueError(f"model {self.name!r}: invalid autoscaling_config: {_one_line(exc)}") from None
+
+    @property
+    def autoscales(self) -> bool:
+        """Whether the model's replicas come from the autoscaling presets (autoscaling/presets.py)."""
+        return self.autoscaling_config is not None or self.num_replicas == "auto"
 
     @property
     def resolved_device(self) -> str:
@@ -109,6 +139,24 @@ class IngressSettings(BaseModel):
     autoscaling_config: dict[str, Any] | None = None
     num_cpus: float = Field(default=DEFAULT_INGRESS_CPUS, ge=0)
     max_ongoing_requests: PositiveInt = 256
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _check_autoscaling(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Ray's own request-count autoscaling: its fields only (Ray would silently drop any other)."""
+        if v is None:
+            return v
+        from ray.serve.config import AutoscalingConfig
+
+        unknown = set(v) - set(AutoscalingConfig.model_fields)
+        if unknown:
+            raise ValueError(f"ingress: unknown autoscaling_config key(s) {sorted(unknown)}; allowed: "
+                             f"{', '.join(sorted(AutoscalingConfig.model_fields))}")
+        try:
+            AutoscalingConfig(**v)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"ingress: invalid autoscaling_config: {_one_line(exc)}") from None
+        return v
 
 
 class AppSettings(BaseModel):
@@ -152,6 +200,14 @@ class AppSettings(BaseModel):
 
     def model(self, name: str) -> ModelSettings:
         return next(m for m in self.models if m.name == name)
+
+
+def _one_line(exc: Exception) -> str:
+    """An error's message on one line; of a pydantic error (Ray's configs), only what each check says."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(str(e.get("msg", e)) for e in errors())
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def default_model_name(model_id: str) -> str:

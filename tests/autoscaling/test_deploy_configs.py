@@ -1,7 +1,8 @@
 """The cluster files, checked offline with Ray's own validators.
 
 - deploy/serve_gpu_cluster.yaml: Ray's serve deploy schema (+ no key Ray would silently drop), its args
-  through our AppSettings, each model's autoscaling through Ray's own deployment options;
+  through our AppSettings, and the app `build_app` makes of them (offline, no model loaded): each model's
+  autoscaling config, policy and actor options as Ray receives them;
 - deploy/kuberay-rayservice.yaml: the same applications, same schema;
 - cluster.yaml: Ray's cluster-launcher validation, and room in its node types for every model's maximum.
 """
@@ -14,11 +15,9 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from ray import serve
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
-from autoscaling.presets import autoscaling_options
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_YAML = ROOT / "deploy" / "serve_gpu_cluster.yaml"
@@ -51,13 +50,32 @@ def models(serve_config) -> list[dict]:
     return app["args"]["models"]
 
 
-def scaling_options(model: dict) -> dict:
-    """What the builder will ask Ray for: this model's autoscaling preset + overrides."""
-    overrides = dict(model["autoscaling_config"])
-    return autoscaling_options(
-        num_parameters=NUM_PARAMETERS[model["model_id"]], device=model["device"], num_gpus=model["num_gpus"],
-        preset=overrides.pop("preset", None), overrides=overrides, token_budget=model.get("token_budget"),
-        max_ongoing_requests=model.get("max_ongoing_requests"))
+def build_offline(args: dict, sizes: dict[str, int] | None = None):
+    """`build_app(args)` as `serve deploy` runs it, without loading a model or asking the Hub.
+
+    `sizes` (model_id -> parameter count) stands in for the safetensors headers the builder reads on a
+    cluster; without it every size is unknown, as on a machine without the network.
+    Returns the ingress deployment and each model's deployment, as bound for Ray.
+    """
+    from serve_app import build_app
+    import serve_app.builder
+
+    with pytest.MonkeyPatch.context() as mp:
+        if sizes is not None:
+            mp.setattr(serve_app.builder, "model_size", lambda model, hf_token=None: sizes[model.model_id])
+        else:
+            mp.setattr(serve_app.builder, "COUNT_TIMEOUT_S", 2.0)
+        app = build_app(args)
+    ingress = app._bound_deployment
+    _settings, handles = ingress.init_args
+    return ingress, {name: handle._bound_deployment for name, handle in handles.items()}
+
+
+@pytest.fixture(scope="module")
+def deployed(serve_config) -> dict:
+    """Each model's Ray deployment as `serve deploy deploy/serve_gpu_cluster.yaml` builds it."""
+    _ingress, deployments = build_offline(serve_config["applications"][0]["args"], NUM_PARAMETERS)
+    return deployments
 
 
 def unknown_keys(data: dict, schema) -> set[str]:
@@ -104,26 +122,65 @@ def test_serve_yaml_args_parse_as_app_settings(serve_config):
         assert m.resolved_device == "cuda" and m.num_replicas == "auto" and m.autoscaling_config
 
 
-def test_each_model_gets_its_own_autoscaling_that_ray_accepts(models):
-    @serve.deployment
-    class Probe:  # only its .options() is used: Ray builds and validates the deployment config
-        pass
+# Token budgets one replica should hold, per preset (docs/AUTOSCALING.md).
+PRESET_BUDGETS = {"latency": 1, "balanced": 2, "throughput": 4, "scale-to-zero": 2}
 
+
+def test_build_app_gives_each_model_its_own_autoscaling(models, deployed):
     seen = {}
     for model in models:
-        options = scaling_options(model)
-        deployment = Probe.options(name=f"model-{model['name']}", **options)
-        config = deployment._deployment_config.autoscaling_config
-        assert isinstance(config, AutoscalingConfig)
-        assert config.policy.policy_function == "autoscaling.policy:WorkPolicy"
-        assert callable(config.policy.get_policy())
+        deployment = deployed[model["name"]]
+        assert deployment.name == f"model-{model['name']}"
+        assert deployment.ray_actor_options == {"num_cpus": model["num_cpus"], "num_gpus": model["num_gpus"],
+                                                "accelerator_type": model["accelerator_type"]}
+        config = deployment._deployment_config
+        scaling = config.autoscaling_config
+        assert isinstance(scaling, AutoscalingConfig)
+        assert scaling.policy.policy_function == "autoscaling.policy:WorkPolicy"
+        assert callable(scaling.policy.get_policy())
+        budgets = PRESET_BUDGETS[model["autoscaling_config"]["preset"]]
+        assert scaling.policy.policy_kwargs == {"metric": "tokens",
+                                                "target_per_replica": budgets * model["token_budget"]}
+        assert scaling.max_replicas == model["autoscaling_config"]["max_replicas"]  # the YAML's bound wins
+        assert config.max_ongoing_requests == model["max_ongoing_requests"]
+        assert config.max_queued_requests == model["max_queued_requests"]
         seen[model["name"]] = config
-    # The YAML's explicit bounds win over the presets', and the presets differ where they should.
-    assert seen["ettin-17m"].max_replicas == 8 and seen["qwen3-reranker-8b"].max_replicas == 2
-    assert (seen["qwen3-reranker-0.6b"].min_replicas, seen["qwen3-reranker-0.6b"].initial_replicas) == (0, 1)
-    assert seen["qwen3-reranker-0.6b"].downscale_to_zero_delay_s == 900
-    assert seen["qwen3-reranker-8b"].upscale_delay_s > seen["ettin-17m"].upscale_delay_s
-    assert seen["qwen3-reranker-8b"].downscale_delay_s > seen["ettin-17m"].downscale_delay_s
+    # The presets differ where they should: size class (17M tiny, 8B large) x preset.
+    tiny, large = seen["ettin-17m"], seen["qwen3-reranker-8b"]
+    assert tiny.autoscaling_config.upscale_delay_s == 5 * 0.5  # tiny, latency: half the class's delay
+    assert large.autoscaling_config.upscale_delay_s == 30 * 2  # large, throughput: twice it
+    assert tiny.autoscaling_config.downscale_delay_s == 120 * 2 and large.autoscaling_config.downscale_delay_s == 600
+    assert (tiny.graceful_shutdown_timeout_s, large.graceful_shutdown_timeout_s) == (30, 120)
+    zero = seen["qwen3-reranker-0.6b"]
+    assert (zero.autoscaling_config.min_replicas, zero.autoscaling_config.initial_replicas) == (0, 1)
+    assert zero.autoscaling_config.downscale_to_zero_delay_s == 900
+    for name, config in seen.items():
+        if name != "qwen3-reranker-0.6b":
+            assert config.autoscaling_config.min_replicas == 1
+            assert config.backpressure_config.status_code == 429
+
+
+def test_the_ingress_scales_on_rays_request_count_policy(serve_config):
+    ingress, _ = build_offline(serve_config["applications"][0]["args"], NUM_PARAMETERS)
+    wanted = serve_config["applications"][0]["args"]["ingress"]
+    scaling = ingress._deployment_config.autoscaling_config
+    assert scaling.policy.is_default_policy_function()
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (
+        wanted["autoscaling_config"]["min_replicas"], wanted["autoscaling_config"]["max_replicas"],
+        wanted["autoscaling_config"]["target_ongoing_requests"])
+    assert ingress.ray_actor_options == {"num_cpus": wanted["num_cpus"]}
+
+
+def test_without_the_hub_the_yaml_still_builds_with_unknown_sizes(serve_config):
+    """The build never fails for want of a parameter count: every model gets the "small" defaults."""
+    import time
+
+    start = time.monotonic()
+    _, deployments = build_offline(serve_config["applications"][0]["args"])
+    assert time.monotonic() - start < 10
+    ettin = deployments["ettin-17m"]._deployment_config.autoscaling_config
+    assert ettin.policy.policy_function == "autoscaling.policy:WorkPolicy"
+    assert ettin.upscale_delay_s == 10 * 0.5  # "small" (unknown) instead of "tiny"
 
 
 def test_scale_to_zero_model_never_rejects_while_it_cold_starts(models):
@@ -198,7 +255,7 @@ def test_cluster_turns_on_token_auth_everywhere(cluster):
         assert any("RAY_AUTH_MODE=token ray start" in c for c in commands)
 
 
-def test_cluster_has_room_for_every_model_at_its_maximum(cluster, models):
+def test_cluster_has_room_for_every_model_at_its_maximum(cluster, models, deployed):
     nodes = {name: t for name, t in cluster["available_node_types"].items() if name != cluster["head_node_type"]}
     gpus_needed: dict[str, float] = {}
     for model in models:
@@ -206,7 +263,7 @@ def test_cluster_has_room_for_every_model_at_its_maximum(cluster, models):
         fitting = [t for t in nodes.values() if t["resources"].get(accel)
                    and t["resources"]["GPU"] >= model["num_gpus"] and t["resources"]["CPU"] >= model["num_cpus"]]
         assert fitting, f"no node type can hold one replica of {model['name']}"
-        max_replicas = scaling_options(model)["autoscaling_config"]["max_replicas"]
+        max_replicas = deployed[model["name"]]._deployment_config.autoscaling_config.max_replicas
         gpus_needed[accel] = gpus_needed.get(accel, 0) + max_replicas * model["num_gpus"]
     for accel, needed in gpus_needed.items():
         available = sum(t["max_workers"] * t["resources"]["GPU"] for t in nodes.values() if t["resources"].get(accel))

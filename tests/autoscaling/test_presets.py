@@ -190,3 +190,41 @@ def test_count_parameters_of_a_modular_cross_encoder_matches_sentence_transforme
 def test_count_parameters_unknown_is_none(tmp_path):
     assert count_parameters(tmp_path) is None
     assert count_parameters(str(tmp_path / "nowhere" / "model")) is None  # not a dir, no Hub here
+
+
+def test_count_parameters_reads_a_cached_hub_snapshot_without_the_network(tiny_dirs, tmp_path, monkeypatch):
+    """A node that served the model before has its files in the HF cache: no Hub request is needed."""
+    import shutil
+
+    import huggingface_hub.constants
+    import autoscaling.presets
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_dirs["xlmr"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(autoscaling.presets, "_count_on_hub", lambda *a, **k: pytest.fail("asked the Hub"))
+    assert count_parameters("org/tiny") == count_parameters(tiny_dirs["xlmr"]) > 0
+
+
+def test_count_parameters_gives_up_on_a_silent_hub_within_its_timeout(monkeypatch):
+    import time
+
+    import autoscaling.presets
+
+    monkeypatch.setattr(autoscaling.presets, "_count_on_hub", lambda *a, **k: time.sleep(30))
+    start = time.monotonic()
+    assert count_parameters("org/not-cached", timeout_s=0.5) is None
+    assert time.monotonic() - start < 2
+
+
+# ---- max_queued_requests: what a cold start needs -------------------------------------------------------
+
+def test_a_model_that_may_scale_to_zero_queues_without_bound_by_default():
+    # Every request of a burst that arrives at zero replicas waits at the handle: a bound would 429 its tail.
+    assert opts(preset="scale-to-zero")["max_queued_requests"] == -1
+    assert opts(overrides={"min_replicas": 0})["max_queued_requests"] == -1
+    assert opts(preset="scale-to-zero", max_queued_requests=100)["max_queued_requests"] == 100  # explicit wins
+    assert "max_queued_requests" not in opts(preset="balanced")  # the caller's default stays

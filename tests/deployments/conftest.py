@@ -1,28 +1,12 @@
-"""One local Ray Serve instance for the whole session (Ray starts slowly on 2 cores), tiny models on disk."""
+"""One local Ray Serve instance for tests/deployments (Ray starts slowly on 2 cores); `tiny`: tests/conftest.py."""
 from __future__ import annotations
 
-import shutil
-import socket
 import time
 
 import pytest
 import requests
 
-from tests.tiny_models import build_bert_seq_cls, build_modular, build_qwen3_reranker
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """Three families: a modular cross-encoder, a BERT sequence classifier, a tied Qwen3-Reranker."""
-    root = tmp_path_factory.mktemp("tiny-serve")
-    return {"modular": build_modular(root / "modular"), "bert": build_bert_seq_cls(root / "bert"),
-            "qwen": build_qwen3_reranker(root / "qwen", tied=True)}
+from tests.serve_helpers import copy_model, local_serve, run_app  # noqa: F401 - copy_model: for test_failures
 
 
 @pytest.fixture(scope="package")
@@ -32,33 +16,8 @@ def serve_url():
     Package-scoped: started once for tests/deployments and gone before other suites run. A Ray that
     another suite left running in this process is shared (Ray allows one per process).
     """
-    import ray
-    from ray import serve
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    port = serve.context._get_global_client().http_config.port  # an already running Serve keeps its port
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    if started_here:
-        ray.shutdown()
-
-
-def run_app(args: dict, name: str, route_prefix: str):
-    """Deploy `build_app(args)` as application `name` and wait until it serves."""
-    from ray import serve
-
-    from serve_app import build_app
-
-    serve.run(build_app(args), name=name, route_prefix=route_prefix)
-
-
-def copy_model(src, dst):
-    shutil.copytree(src, dst)
-    return dst
+    with local_serve(num_cpus=4) as url:
+        yield url
 
 
 # Small token budgets on purpose: requests bigger than a budget must be split and still come back whole,

@@ -96,10 +96,102 @@ def test_deployment_options_cpu_defaults():
 def test_deployment_options_autoscaling_and_accelerator():
     m = ModelSettings(model_id="org/x", autoscaling_config={"min_replicas": 1, "max_replicas": 4},
                       num_gpus=1, accelerator_type="H100", max_queued_requests=-1)
-    opts = deployment_options(m)
-    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4} and "num_replicas" not in opts
-    assert opts["ray_actor_options"]["accelerator_type"] == "H100"
+    opts = deployment_options(m, num_parameters=596_000_000)
+    scaling = opts["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 4) and "num_replicas" not in opts
+    assert scaling["policy"]["policy_function"] == "autoscaling.policy:WorkPolicy"
+    assert scaling["upscale_delay_s"] == 10 and opts["graceful_shutdown_timeout_s"] == 60  # "small" class
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1, "accelerator_type": "H100"}
+    assert opts["max_queued_requests"] == -1
     assert "backpressure_config" not in opts  # unbounded queue: nothing is ever rejected
+
+
+def test_num_replicas_auto_is_the_default_preset_never_rays_auto():
+    m = ModelSettings(model_id="org/x", num_replicas="auto", token_budget=1000)
+    opts = deployment_options(m, num_parameters=17_000_000)
+    assert "num_replicas" not in opts  # "auto" would make Ray merge its own defaults into ours
+    kwargs = opts["autoscaling_config"]["policy"]["policy_kwargs"]
+    assert kwargs == {"metric": "tokens", "target_per_replica": 2000.0}  # balanced: 2 token budgets
+    assert opts["autoscaling_config"]["upscale_delay_s"] == 5  # the "tiny" class
+    assert opts["max_ongoing_requests"] == 32 and opts["max_queued_requests"] == 256
+
+
+def test_preset_decides_max_ongoing_requests_unless_the_model_sets_it():
+    latency = {"preset": "latency"}
+    assert deployment_options(ModelSettings(model_id="org/x", autoscaling_config=latency),
+                              num_parameters=None)["max_ongoing_requests"] == 16
+    assert deployment_options(ModelSettings(model_id="org/x", autoscaling_config=latency, max_ongoing_requests=40),
+                              num_parameters=None)["max_ongoing_requests"] == 40
+
+
+def test_scale_to_zero_queues_without_bound_unless_the_model_sets_a_bound():
+    m = ModelSettings(model_id="org/x", autoscaling_config={"preset": "scale-to-zero"})
+    opts = deployment_options(m, num_parameters=None)
+    assert (opts["autoscaling_config"]["min_replicas"], opts["autoscaling_config"]["initial_replicas"]) == (0, 1)
+    # A cold start queues every request at the caller's handle: a bound would 429 the tail of the burst.
+    assert opts["max_queued_requests"] == -1 and "backpressure_config" not in opts
+    bounded = ModelSettings(model_id="org/x", autoscaling_config={"min_replicas": 0}, max_queued_requests=50)
+    opts = deployment_options(bounded, num_parameters=None)
+    assert opts["max_queued_requests"] == 50 and opts["backpressure_config"]["status_code"] == 429
+
+
+def test_fixed_preset_gives_plain_replicas():
+    m = ModelSettings(model_id="org/x", autoscaling_config={"preset": "fixed", "num_replicas": 3})
+    opts = deployment_options(m, num_parameters=None)
+    assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
+
+
+@pytest.mark.parametrize("scaling, fragment", [
+    ({"min_replica": 2}, "min_replica"),  # Ray itself drops unknown keys without a word
+    ({"preset": "warp-speed"}, "unknown autoscaling preset"),
+    ({"min_replicas": 3, "max_replicas": 2}, "max_replicas (2) must be greater"),  # Ray's own check
+    ({"metric": "pairs"}, "target_work_per_replica"),
+    ({"policy": {"policy_function": "no_such_module:policy"}}, "no_such_module"),
+    ({"preset": "fixed", "max_replicas": 2}, "only num_replicas"),
+])
+def test_bad_autoscaling_is_rejected_at_validation_naming_the_model(scaling, fragment):
+    with pytest.raises(ValidationError) as e:
+        AppSettings.model_validate({"models": [{"name": "m1", "model_id": "x/a", "autoscaling_config": scaling}]})
+    assert fragment in str(e.value) and "model 'm1': invalid autoscaling_config" in str(e.value)
+
+
+def test_bad_ingress_autoscaling_is_rejected():
+    with pytest.raises(ValidationError, match="max_replica"):
+        AppSettings(ingress={"autoscaling_config": {"max_replica": 3}})
+    with pytest.raises(ValidationError, match="must be greater"):
+        AppSettings(ingress={"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}})
+    ok = AppSettings(ingress={"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}})
+    assert ingress_options(ok)["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
+
+
+def test_build_app_sizes_local_models_from_their_safetensors(tmp_path):
+    from tests.tiny_models import build_modular
+
+    path = build_modular(tmp_path / "tiny-modular")
+    app = build_app({"models": [{"name": "t", "model_id": str(path), "num_replicas": "auto"}]})
+    (handle,) = app._bound_deployment.init_args[1].values()
+    scaling = handle._bound_deployment._deployment_config.autoscaling_config
+    assert scaling.upscale_delay_s == 5 and scaling.downscale_delay_s == 120  # "tiny", not the unknown "small"
+
+
+def test_build_app_never_stalls_on_an_unreachable_hub(monkeypatch):
+    """Sizing Hub models asks the Hub for headers; a silent network costs one bounded wait, not one per model."""
+    import time
+
+    import autoscaling.presets
+    import serve_app.builder
+
+    def hang(*_args, **_kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(autoscaling.presets, "_count_on_hub", hang)
+    monkeypatch.setattr(serve_app.builder, "COUNT_TIMEOUT_S", 1.0)
+    models = [{"name": f"m{i}", "model_id": f"org/m{i}", "num_replicas": "auto"} for i in range(4)]
+    start = time.monotonic()
+    app = build_app({"models": models})
+    assert time.monotonic() - start < 3.0  # four lookups at once, each given up after 1 s
+    for handle in app._bound_deployment.init_args[1].values():
+        assert handle._bound_deployment._deployment_config.autoscaling_config.upscale_delay_s == 10  # "small"
 
 
 def test_deployment_options_are_accepted_by_ray():
