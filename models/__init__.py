@@ -46,12 +46,16 @@ def load_encoder(model_id: str, *, revision: str | None = None, family: str = "a
 
 def load_scorer(model_id: str, *, revision: str | None = None, family: str = "auto", dtype: str = "auto",
                 device: str = "auto", max_length: int | None = None, token: str | None = None,
-                token_budget: int | None = None) -> Scorer:
-    """The loaded model (weights + head, once). `scorer.encoder` is its matching Encoder."""
+                token_budget: int | None = None, execution: str = "auto") -> Scorer:
+    """The loaded model (weights + head, once). `scorer.encoder` is its matching Encoder.
+
+    execution: "auto" (packed on CUDA in fp16/bf16 where the model supports it, padded otherwise), "packed"
+    (padded where unsupported, with a warning) or "padded"; `scorer.execution` says what was chosen.
+    token_budget: tokens per forward chunk — padded size for padded chunks, real tokens for packed ones."""
     model_dir, family = _resolve(model_id, revision, family, token)
     device = resolve_device(model_id, device)
     dtype = resolve_dtype(model_id, dtype, device)
     module = _family_module(family)
     scorer_cls = {"modular": "ModularScorer", "seq_cls": "SeqClsScorer", "qwen3": "Qwen3Scorer"}[family]
     return getattr(module, scorer_cls)(model_id, model_dir, dtype=dtype, device=device, max_length=max_length,
-                                       token_budget=token_budget)
+                                       token_budget=token_budget, execution=execution)

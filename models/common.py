@@ -88,6 +88,20 @@ def position_limit(config) -> int | None:
     return mpe
 
 
+# Base models verified to run packed (tests/models/test_attention.py, test_packed_scoring.py): their forward passes
+# position_ids and the cu_seq_lens kwargs through to transformers' AttentionInterface. Value: how the first
+# position id of a sequence is found.
+_PACKED_MODEL_TYPES = {"modernbert": "zero", "bert": "zero", "qwen3": "zero", "xlm-roberta": "pad_plus_one"}
+
+
+def packed_position_offset(config) -> int | None:
+    """First position id of every packed sequence for this base model, or None when it cannot run packed."""
+    rule = _PACKED_MODEL_TYPES.get(getattr(config, "model_type", None))
+    if rule is None:
+        return None
+    return (config.pad_token_id or 0) + 1 if rule == "pad_plus_one" else 0
+
+
 def resolve_max_length(model_id: str, *, configured: int | None, file_configured: int | None,
                        tokenizer_max: int | None, pos_limit: int | None, default: int | None = None) -> int:
     """The max input length rule (API.md 1.5).

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import from_pretrained, load_config, read_json, torch_dtype
+from .common import from_pretrained, load_config, packed_position_offset, read_json, torch_dtype
 from .encoding import PairEncoder
 from .errors import ModelLoadError
 from .scoring import Scorer
@@ -30,6 +30,8 @@ _LEGACY_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_toke
                          "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
                          "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 POOLING_MODES = tuple(_LEGACY_POOLING_FLAGS.values())
+# Modes with a packed (segment) form; mean_sqrt_len_tokens / weightedmean models run padded.
+PACKED_POOLING_MODES = ("cls", "lasttoken", "mean", "max")
 
 
 def module_kind(type_string: str) -> str | None:
@@ -189,6 +191,27 @@ def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, modes: tu
     return torch.cat(out, dim=-1)
 
 
+def pool_packed(hidden: torch.Tensor, cu_seq_lens: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
+    """`pool` on packed hidden states [1, T, H]: cls / lasttoken read one row per pair, mean / max reduce each
+    segment in one op."""
+    from .packing import first_token, last_token, segment_max, segment_mean
+
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            out.append(first_token(hidden, cu_seq_lens))
+        elif mode == "lasttoken":
+            out.append(last_token(hidden, cu_seq_lens))
+        elif mode == "mean":  # accumulate half precision in fp32, as `pool` does
+            acc = hidden.float() if hidden.dtype in (torch.float16, torch.bfloat16) else hidden
+            out.append(segment_mean(acc, cu_seq_lens).to(hidden.dtype))
+        elif mode == "max":
+            out.append(segment_max(hidden, cu_seq_lens))
+        else:
+            raise ValueError(f"pooling mode {mode!r} has no packed form")
+    return torch.cat(out, dim=-1)
+
+
 class ModularHead(nn.Module):
     def __init__(self, modes: tuple[str, ...], steps: list[nn.Module]):
         super().__init__()
@@ -196,7 +219,14 @@ class ModularHead(nn.Module):
         self.steps = nn.ModuleList(steps)
 
     def forward(self, token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        features = {"sentence_embedding": pool(token_embeddings, attention_mask, self.modes)}
+        return self.score_pooled(pool(token_embeddings, attention_mask, self.modes))
+
+    def forward_packed(self, hidden: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
+        return self.score_pooled(pool_packed(hidden, cu_seq_lens, self.modes))
+
+    def score_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The Dense / LayerNorm steps on the pooled [N, H'] vectors -> raw scores [N]."""
+        features = {"sentence_embedding": pooled}
         for step in self.steps:
             step(features)
         return features["scores"][:, 0]
@@ -233,7 +263,7 @@ def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = Non
 
 class ModularScorer(Scorer):
     def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
-                 token_budget: int | None):
+                 token_budget: int | None, execution: str = "auto"):
         from transformers import AutoModel
 
         spec = parse_modules(model_id, model_dir)
@@ -242,7 +272,7 @@ class ModularScorer(Scorer):
         config = load_config(model_id, spec.backbone_dir)
         super().__init__(family="modular", model_id=model_id, encoder=encoder, dtype=dtype, device=device,
                          token_budget=token_budget, pad_id=pad_id_of(config, encoder.tokenizer),
-                         uses_token_types=encoder.uses_token_types)
+                         uses_token_types=encoder.uses_token_types, execution=execution)
         steps = [(DenseStep if kind == "Dense" else LayerNormStep)(model_id, folder, cfg)
                  for kind, folder, cfg in spec.head]
         backbone = from_pretrained(model_id, AutoModel, spec.backbone_dir, config=config, dtype=torch_dtype(dtype))
@@ -250,8 +280,23 @@ class ModularScorer(Scorer):
         # Like sentence-transformers: the head runs in the backbone's dtype.
         self.head = ModularHead(spec.pooling_modes, steps).to(device=device, dtype=torch_dtype(dtype)).eval()
         self.num_parameters = sum(p.numel() for m in (self.backbone, self.head) for p in m.parameters())
+        offset = packed_position_offset(config)
+        self._packable = offset is not None and all(m in PACKED_POOLING_MODES for m in spec.pooling_modes)
+        self.position_offset = offset or 0
+        self.set_execution()
+
+    @property
+    def supports_packed(self) -> bool:
+        return self._packable
+
+    def _attention_modules(self):
+        return [self.backbone]
 
     def _forward_padded(self, input_ids, attention_mask, token_type_ids):
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         return self.head(hidden, attention_mask)
+
+    def _forward_packed(self, inputs):
+        hidden = self.backbone(**inputs.model_kwargs()).last_hidden_state
+        return self.head.forward_packed(hidden, inputs.cu_seq_lens)

@@ -139,7 +139,7 @@ def read_weight_rows(model_id: str, model_dir: Path, name: str, rows: list[int])
 
 class Qwen3Scorer(Scorer):
     def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
-                 token_budget: int | None):
+                 token_budget: int | None, execution: str = "auto"):
         from transformers import AutoModel
 
         config = load_config(model_id, model_dir)
@@ -147,7 +147,7 @@ class Qwen3Scorer(Scorer):
         tok = encoder.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         super().__init__(family="qwen3", model_id=model_id, encoder=encoder, dtype=dtype, device=device,
-                         token_budget=token_budget, pad_id=pad)
+                         token_budget=token_budget, pad_id=pad, execution=execution)
         yes, no = yes_no_ids(model_id, tok)
         # The headless Qwen3Model: the checkpoint's lm_head (151k × hidden) is never materialised.
         model = from_pretrained(model_id, AutoModel, model_dir, quiet_unexpected=True, config=config,
@@ -164,6 +164,20 @@ class Qwen3Scorer(Scorer):
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         if not self.tied:
             self.num_parameters += config.vocab_size * config.hidden_size
+        self.set_execution()
+
+    @property
+    def supports_packed(self) -> bool:
+        return True  # Qwen3Model: causal GQA through the AttentionInterface, positions from 0
+
+    def _attention_modules(self):
+        return [self.model]
+
+    def _forward_packed(self, inputs):
+        from .packing import last_token
+
+        hidden = self.model(**inputs.model_kwargs(), use_cache=False).last_hidden_state
+        return last_token(hidden, inputs.cu_seq_lens).float() @ self.score_vector
 
     def _forward_padded(self, input_ids, attention_mask, token_type_ids):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -1,9 +1,13 @@
-"""`*ForSequenceClassification` rerankers (BERT, XLM-R, ModernBERT, ...): raw score = logits[:, 0]."""
+"""`*ForSequenceClassification` rerankers (BERT, XLM-R, ModernBERT, ...): raw score = logits[:, 0].
+
+Packed execution (BERT, XLM-R, ModernBERT; any other architecture runs padded) calls the base model on the packed
+row and re-creates the class's own head on the rows it reads — see `_packed_head`."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .common import from_pretrained, id2label_of, load_config, position_limit, resolve_max_length, torch_dtype
+from .common import (from_pretrained, id2label_of, load_config, packed_position_offset, position_limit,
+                     resolve_max_length, torch_dtype)
 from .encoding import PairEncoder
 from .errors import ModelLoadError
 from .scoring import Scorer
@@ -52,9 +56,33 @@ def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = Non
     return pair_encoder("seq_cls", model_id, load_tokenizer(model_id, model_dir, config), config, max_length=max_length)
 
 
+def _packed_head(model):
+    """(base model, head(packed hidden, cu_seq_lens) -> logits) mirroring `model.forward`, or None when the
+    architecture has no verified packed form. Each head reads only the rows it needs."""
+    from transformers import (BertForSequenceClassification, ModernBertForSequenceClassification,
+                              XLMRobertaForSequenceClassification)
+
+    from .modular import pool_packed
+
+    if isinstance(model, ModernBertForSequenceClassification):
+        pooling = model.config.classifier_pooling
+        if pooling not in ("cls", "mean"):
+            return None
+        # cls: last_hidden_state[:, 0]; mean: the masked mean -> head -> drop -> classifier
+        return model.model, lambda h, cu: model.classifier(model.drop(model.head(pool_packed(h, cu, (pooling,)))))
+    if isinstance(model, BertForSequenceClassification) and model.bert.pooler is not None:
+        # BertPooler reads hidden[:, 0] of [N, S, H]: hand it each pair's first row as a length-1 sequence
+        return model.bert, lambda h, cu: model.classifier(model.dropout(
+            model.bert.pooler(pool_packed(h, cu, ("cls",)).unsqueeze(1))))
+    if isinstance(model, XLMRobertaForSequenceClassification):
+        # XLMRobertaClassificationHead reads features[:, 0, :]
+        return model.roberta, lambda h, cu: model.classifier(pool_packed(h, cu, ("cls",)).unsqueeze(1))
+    return None
+
+
 class SeqClsScorer(Scorer):
     def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
-                 token_budget: int | None):
+                 token_budget: int | None, execution: str = "auto"):
         from transformers import AutoModelForSequenceClassification
 
         config = load_config(model_id, model_dir)
@@ -62,11 +90,27 @@ class SeqClsScorer(Scorer):
                                max_length=max_length)
         super().__init__(family="seq_cls", model_id=model_id, encoder=encoder, dtype=dtype, device=device,
                          token_budget=token_budget, pad_id=pad_id_of(config, encoder.tokenizer),
-                         uses_token_types=encoder.uses_token_types)
+                         uses_token_types=encoder.uses_token_types, execution=execution)
         model = from_pretrained(model_id, AutoModelForSequenceClassification, model_dir, config=config,
                                 dtype=torch_dtype(dtype))
         self.model = model.to(device).eval()
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        offset = packed_position_offset(config)
+        self._packed = _packed_head(self.model) if offset is not None else None
+        self.position_offset = offset or 0
+        self.set_execution()
+
+    @property
+    def supports_packed(self) -> bool:
+        return self._packed is not None
+
+    def _attention_modules(self):
+        return [self.model]
+
+    def _forward_packed(self, inputs):
+        base, head = self._packed
+        hidden = base(**inputs.model_kwargs()).last_hidden_state
+        return head(hidden, inputs.cu_seq_lens)[:, 0]
 
     def _forward_padded(self, input_ids, attention_mask, token_type_ids):
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}

@@ -45,7 +45,7 @@ def test_empty_batch(scorers):
 
 def test_scorer_attributes(scorers, tiny):
     s = scorers("bert")
-    assert (s.family, s.dtype, s.device, s.max_length, s.token_budget) == ("seq_cls", "float32", "cpu", 64, 16384)
+    assert (s.family, s.dtype, s.device, s.max_length, s.token_budget) == ("seq_cls", "float32", "cpu", 64, 4096)
     assert s.model_id == str(tiny["bert"])
     assert load_scorer(str(tiny["bert"])).dtype == "float32"  # auto on CPU
 
