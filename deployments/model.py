@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -49,22 +50,14 @@ def batch_tokens(works: Sequence[Work]) -> int:
     return total
 
 
-def split_by_budget(batch: EncodedBatch, budget: int) -> list[EncodedBatch]:
-    """Consecutive pieces of `batch` of at most `budget` tokens each (a longer single sequence alone).
+def split_by_chunks(batch: EncodedBatch, chunks: Sequence[np.ndarray]) -> list[tuple[np.ndarray, EncodedBatch]]:
+    """(indices, piece) per forward chunk of a request too big for one batch (`Scorer.chunks` plans them).
 
-    Ray's batcher fails an item larger than its budget, so a big request is queued as several pieces,
-    which batch like any other request and come back in order.
+    Ray's batcher fails an item larger than its budget, so a big request is queued as several pieces, which
+    batch like any other request. Pieces follow the scorer's length-sorted chunks, so each holds sequences
+    of similar length: cutting the request in arrival order instead padded every piece to its longest pair.
     """
-    if batch.num_tokens <= budget:
-        return [batch]
-    pieces, start, used = [], 0, 0
-    for i, n in enumerate(batch.lengths.tolist()):
-        if used and used + n > budget:
-            pieces.append(batch.select(np.arange(start, i)))
-            start, used = i, 0
-        used += n
-    pieces.append(batch.select(np.arange(start, len(batch))))
-    return pieces
+    return [(index, batch.select(index)) for index in chunks]
 
 
 class _Metrics:
@@ -102,10 +95,16 @@ class ModelReplica:
 
         self.settings = model
         device = model.resolved_device
+        threads = None
         if device == "cpu":
             import torch
             # Use the CPUs Ray reserved for this replica, not every core of the machine.
-            torch.set_num_threads(max(1, math.floor(model.resolved_num_cpus)))
+            threads = max(1, math.floor(model.resolved_num_cpus))
+            torch.set_num_threads(threads)
+        # Every forward runs on this one thread: OpenMP sizes its pool per calling thread, so the thread count
+        # is set where the work runs, and the pool stays warm instead of moving between to_thread workers.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model.name}",
+                                            initializer=_set_torch_threads, initargs=(threads,))
         logger.info("loading model %r from %s (revision %s, family %s, dtype %s, device %s)", model.name,
                     model.model_id, model.revision or "default", model.family, model.dtype, device)
         start = time.perf_counter()
@@ -131,10 +130,16 @@ class ModelReplica:
         arrived = time.monotonic()
         # Held from arrival to answer: waiting in the batch queue counts as much as being scored.
         with self.work.track(tokens=batch.num_tokens, pairs=len(batch)):
-            pieces = split_by_budget(batch, self.token_budget)
-            parts = await asyncio.gather(*(self._score_piece(p, arrived) for p in pieces))
+            if batch.num_tokens <= self.token_budget:
+                raw = await self._score_piece(batch, arrived)
+            else:
+                pieces = split_by_chunks(batch, self.scorer.chunks(batch.lengths))
+                parts = await asyncio.gather(*(self._score_piece(p, arrived) for _, p in pieces))
+                raw = np.empty(len(batch), dtype=np.float32)
+                for (index, _), part in zip(pieces, parts):
+                    raw[index] = part
         self.metrics.latency.observe(time.monotonic() - arrived)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return raw
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics hook (2.60: called on the replica every
@@ -178,7 +183,7 @@ class ModelReplica:
 
     async def _forward(self, batch: EncodedBatch) -> np.ndarray:
         """Scorer.score in a worker thread, so the replica's event loop keeps accepting requests."""
-        return await asyncio.to_thread(self._forward_sync, batch)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward_sync, batch)
 
     def _forward_sync(self, batch: EncodedBatch) -> np.ndarray:
         with self._forward_lock:  # one forward at a time: batches and over-budget pieces share the device
@@ -205,6 +210,12 @@ class ModelReplica:
         """Called by Ray Serve periodically; raising makes it replace this replica."""
         if self._fatal is not None:
             raise RuntimeError(f"model {self.settings.name!r} hit a fatal device error: {self._fatal}")
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
 
 
 def _dtype_name(dtype: Any) -> str:

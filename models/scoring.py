@@ -143,15 +143,21 @@ class Scorer:
         lengths = batch.lengths
         if lengths.min() < 1:
             raise ValueError("cannot score an empty sequence (no tokens)")
-        # Sorted by length in both modes: padded chunks waste no padding, packed chunks get even max lengths.
-        order = np.argsort(lengths, kind="stable")
         packed = self.execution == "packed"
-        chunker = chunk_by_tokens if packed else chunk_by_budget
         with torch.inference_mode():
-            for part in chunker(lengths[order], self.token_budget):
-                index = order[part]
+            for index in self.chunks(lengths):
                 out[index] = self._score_packed(batch, index) if packed else self._score_chunk(batch, index)
         return out
+
+    def chunks(self, lengths: np.ndarray) -> list[np.ndarray]:
+        """Index arrays of the forward chunks `score` runs for sequences of these lengths.
+
+        Sorted by length in both modes: padded chunks waste no padding, packed chunks get even max lengths.
+        The budget counts padded tokens in padded mode, real tokens in packed mode.
+        """
+        order = np.argsort(lengths, kind="stable")
+        chunker = chunk_by_tokens if self.execution == "packed" else chunk_by_budget
+        return [order[part] for part in chunker(lengths[order], self.token_budget)]
 
     def _score_packed(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
         from .packing import pack

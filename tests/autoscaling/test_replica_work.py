@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import types
 
 import numpy as np
@@ -51,6 +52,7 @@ def replica(scorer, budget: int) -> ModelReplica:
     r = ModelReplica.__new__(ModelReplica)
     r.settings = ModelSettings(name="m", model_id="org/m")
     r.scorer, r.token_budget, r._forward_lock, r._fatal = scorer, budget, threading.Lock(), None
+    r._executor = ThreadPoolExecutor(1)
     r.metrics = type("M", (), {k: _NoMetric() for k in ("pairs", "tokens", "fill", "queue_wait", "latency")})()
     r.work = WorkTracker(token_budget=budget)
     # Ray keeps ONE batch queue per decorated function, bound to the event loop that first used it: each

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from deployments.model import ModelReplica, Work, batch_tokens, split_by_budget
+from deployments.model import ModelReplica, Work, batch_tokens, split_by_chunks
 from models.encoded import EncodedBatch
 from serve_app.settings import ModelSettings
 
@@ -24,18 +25,48 @@ def test_batch_tokens_counts_tokens_and_never_raises():
     assert batch_tokens([]) == 0
 
 
-@pytest.mark.parametrize("lengths, budget, pieces", [
-    ([5, 5, 5], 100, [[5, 5, 5]]),
-    ([5, 5, 5], 10, [[5, 5], [5]]),
-    ([4, 7, 3, 3, 9], 10, [[4], [7, 3], [3], [9]]),
-    ([30, 2, 2], 10, [[30], [2, 2]]),  # a sequence longer than the budget goes alone
-    ([2, 30, 2], 10, [[2], [30], [2]]),
+def planner(budget: int, execution: str = "padded"):
+    """The real chunk planner of models.scoring.Scorer, without a model behind it."""
+    from models.scoring import Scorer
+    s = Scorer.__new__(Scorer)
+    s.token_budget, s.execution = budget, execution
+    return s
+
+
+@pytest.mark.parametrize("execution", ["padded", "packed"])
+@pytest.mark.parametrize("lengths, budget", [
+    ([5, 5, 5], 10), ([4, 7, 3, 3, 9], 10), ([30, 2, 2], 10), ([2, 30, 2, 9, 1, 8, 2, 7], 12),
 ])
-def test_split_by_budget_keeps_order_and_respects_the_budget(lengths, budget, pieces):
+def test_split_by_chunks_groups_similar_lengths_within_the_budget(lengths, budget, execution):
     batch = batch_of(lengths)
-    got = split_by_budget(batch, budget)
-    assert [p.lengths.tolist() for p in got] == pieces
-    assert np.array_equal(EncodedBatch.concat(got).input_ids, batch.input_ids)
+    pieces = split_by_chunks(batch, planner(budget, execution).chunks(batch.lengths))
+    seen = np.concatenate([index for index, _ in pieces])
+    assert sorted(seen.tolist()) == list(range(len(lengths)))  # every sequence exactly once
+    for index, piece in pieces:
+        assert piece.lengths.tolist() == [lengths[i] for i in index]
+        assert [int(piece.sequence(k)[0]) for k in range(len(piece))] == index.tolist()  # the right sequences
+        size = len(piece) * max(piece.lengths) if execution == "padded" else piece.num_tokens
+        assert size <= budget or len(piece) == 1  # fits Ray's batcher, or a lone over-long sequence
+    # Length-sorted: pieces never interleave lengths, so a piece pads only to sequences like its own.
+    maxima = [max(p.lengths) for _, p in pieces]
+    minima = [min(p.lengths) for _, p in pieces]
+    assert all(hi <= lo for hi, lo in zip(maxima[:-1], minima[1:]))
+
+
+def test_a_big_request_comes_back_whole_and_in_order():
+    class Scorer(FakeScorer):
+        chunks = planner(10).chunks
+    r = replica(Scorer(), budget=10)
+
+    async def fake_batched(work):  # stands in for Ray's batcher: one forward per piece
+        return r.scorer.score(work.batch)
+    r._score_batched = fake_batched
+    from autoscaling import WorkTracker
+    r.work = WorkTracker(token_budget=10)
+    lengths = [2, 9, 1, 8, 2, 30, 7, 3]
+    out = asyncio.run(r.score(batch_of(lengths, start_id=100)))
+    assert out.tolist() == [100 + i for i in range(len(lengths))]
+    assert len(r.scorer.calls) > 1
 
 
 class FakeScorer:
@@ -65,6 +96,7 @@ def replica(scorer, budget=100) -> ModelReplica:
     r = ModelReplica.__new__(ModelReplica)
     r.settings = ModelSettings(name="m", model_id="org/m")
     r.scorer, r.token_budget, r._forward_lock, r._fatal = scorer, budget, threading.Lock(), None
+    r._executor = ThreadPoolExecutor(1)
     r.metrics = type("M", (), {k: _NoMetric() for k in ("pairs", "tokens", "fill", "queue_wait", "latency")})()
     return r
 
