@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -119,7 +118,6 @@ class ModelReplica:
         logger.addFilter(_TokenBudgetWarningFilter())
         self._score_batched.set_max_batch_size(self.token_budget)
         self._score_batched.set_batch_wait_timeout_s(model.max_batch_wait_s)
-        self._forward_lock = threading.Lock()
         self._fatal: str | None = None
         self.metrics = _Metrics(model.name)
         # The work this replica holds, for the work-based autoscaling policy (autoscaling/policy.py).
@@ -182,17 +180,16 @@ class ModelReplica:
             return exc
 
     async def _forward(self, batch: EncodedBatch) -> np.ndarray:
-        """Scorer.score in a worker thread, so the replica's event loop keeps accepting requests."""
+        """Scorer.score on the one forward thread: forwards never overlap, and the event loop stays free."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward_sync, batch)
 
     def _forward_sync(self, batch: EncodedBatch) -> np.ndarray:
-        with self._forward_lock:  # one forward at a time: batches and over-budget pieces share the device
-            try:
-                raw = np.asarray(self.scorer.score(batch), dtype=np.float32)
-            except Exception as exc:
-                if any(marker in str(exc) for marker in _FATAL_MARKERS):
-                    self._fatal = f"{type(exc).__name__}: {exc}"
-                raise
+        try:
+            raw = np.asarray(self.scorer.score(batch), dtype=np.float32)
+        except Exception as exc:
+            if any(marker in str(exc) for marker in _FATAL_MARKERS):
+                self._fatal = f"{type(exc).__name__}: {exc}"
+            raise
         if raw.shape != (len(batch),):
             raise RuntimeError(f"scorer returned {raw.shape} scores for {len(batch)} sequences")
         self.metrics.pairs.inc(len(batch))

@@ -51,7 +51,7 @@ def replica(scorer, budget: int) -> ModelReplica:
     """A ModelReplica as its constructor leaves it, with `scorer` instead of a loaded model."""
     r = ModelReplica.__new__(ModelReplica)
     r.settings = ModelSettings(name="m", model_id="org/m")
-    r.scorer, r.token_budget, r._forward_lock, r._fatal = scorer, budget, threading.Lock(), None
+    r.scorer, r.token_budget, r._fatal = scorer, budget, None
     r._executor = ThreadPoolExecutor(1)
     r.metrics = type("M", (), {k: _NoMetric() for k in ("pairs", "tokens", "fill", "queue_wait", "latency")})()
     r.work = WorkTracker(token_budget=budget)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -95,7 +94,7 @@ def replica(scorer, budget=100) -> ModelReplica:
     """A ModelReplica without its constructor (which loads a real model inside Ray)."""
     r = ModelReplica.__new__(ModelReplica)
     r.settings = ModelSettings(name="m", model_id="org/m")
-    r.scorer, r.token_budget, r._forward_lock, r._fatal = scorer, budget, threading.Lock(), None
+    r.scorer, r.token_budget, r._fatal = scorer, budget, None
     r._executor = ThreadPoolExecutor(1)
     r.metrics = type("M", (), {k: _NoMetric() for k in ("pairs", "tokens", "fill", "queue_wait", "latency")})()
     return r
