@@ -17,6 +17,7 @@ from torch import nn
 from .common import from_pretrained, load_config, packed_position_offset, read_json, torch_dtype
 from .encoding import PairEncoder
 from .errors import ModelLoadError
+from .modernbert import cls_only_last_layer
 from .scoring import Scorer
 from .seq_cls import load_tokenizer, pad_id_of, pair_encoder
 
@@ -283,6 +284,8 @@ class ModularScorer(Scorer):
         offset = packed_position_offset(config)
         self._packable = offset is not None and all(m in PACKED_POOLING_MODES for m in spec.pooling_modes)
         self.position_offset = offset or 0
+        if spec.pooling_modes == ("cls",):  # the head reads the CLS row alone
+            cls_only_last_layer(self.backbone)
         self.set_execution()
 
     @property

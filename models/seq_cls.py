@@ -10,6 +10,7 @@ from .common import (from_pretrained, id2label_of, load_config, packed_position_
                      resolve_max_length, torch_dtype)
 from .encoding import PairEncoder
 from .errors import ModelLoadError
+from .modernbert import cls_only_last_layer
 from .scoring import Scorer
 
 
@@ -98,6 +99,8 @@ class SeqClsScorer(Scorer):
         offset = packed_position_offset(config)
         self._packed = _packed_head(self.model) if offset is not None else None
         self.position_offset = offset or 0
+        if getattr(self.model.config, "classifier_pooling", None) == "cls":  # ModernBERT reading [:, 0] only
+            cls_only_last_layer(self.model.base_model)
         self.set_execution()
 
     @property

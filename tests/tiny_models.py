@@ -235,7 +235,7 @@ def build_xlmr_seq_cls(path: str | os.PathLike, *, seed: int = 2) -> Path:
 
 
 def build_modernbert_seq_cls(path: str | os.PathLike, *, seed: int = 3, pooling: str = "mean") -> Path:
-    """gte-reranker-modernbert-style ModernBertForSequenceClassification with mean classifier pooling."""
+    """gte-reranker-modernbert-style ModernBertForSequenceClassification (mean classifier pooling; or cls)."""
     from transformers import ModernBertForSequenceClassification
     path = Path(path)
     _seed(seed)
@@ -277,6 +277,7 @@ BUILDERS = {
     "bert": lambda p: build_bert_seq_cls(p),
     "xlmr": lambda p: build_xlmr_seq_cls(p),
     "modernbert_cls": lambda p: build_modernbert_seq_cls(p),
+    "modernbert_cls_pooling": lambda p: build_modernbert_seq_cls(p, pooling="cls", seed=7),
     "qwen3_tied": lambda p: build_qwen3_reranker(p, tied=True),
     "qwen3_untied": lambda p: build_qwen3_reranker(p, tied=False, seed=6),
 }

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("variant", ["modular", "modular_legacy", "modular_mean_tanh", "bert", "xlmr",
-                                     "modernbert_cls", "qwen3_tied", "qwen3_untied"])
+                                     "modernbert_cls", "modernbert_cls_pooling", "qwen3_tied", "qwen3_untied"])
 def test_half_precision_tracks_the_fp32_reference(tiny, variant, dtype):
     scorer = load_scorer(str(tiny[variant]), dtype=dtype, device="cuda")
     assert scorer.dtype == dtype and scorer.device == "cuda"

@@ -17,7 +17,8 @@ from tests.tiny_models import DOCS, QUERIES
 
 PAIRS = [(q, d) for q in QUERIES for d in DOCS]
 EXPECTED = {"modular": "modular", "modular_legacy": "modular", "modular_mean_tanh": "modular", "bert": "seq_cls",
-            "xlmr": "seq_cls", "modernbert_cls": "seq_cls", "qwen3_tied": "qwen3", "qwen3_untied": "qwen3"}
+            "xlmr": "seq_cls", "modernbert_cls": "seq_cls", "modernbert_cls_pooling": "seq_cls", "qwen3_tied": "qwen3",
+            "qwen3_untied": "qwen3"}
 
 
 @pytest.fixture

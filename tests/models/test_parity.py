@@ -19,7 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored when `pa
 
 TOL = 1e-5
 PAIRS = [(q, d) for q in QUERIES for d in DOCS]
-ENCODER_VARIANTS = ["modular", "modular_legacy", "modular_mean_tanh", "bert", "xlmr", "modernbert_cls"]
+ENCODER_VARIANTS = ["modular", "modular_legacy", "modular_mean_tanh", "bert", "xlmr", "modernbert_cls",
+                    "modernbert_cls_pooling"]
 
 
 def cross_encoder_reference(path, pairs, side: str = "right") -> np.ndarray:

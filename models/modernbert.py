@@ -1,0 +1,63 @@
+"""ModernBERT's last layer at the CLS row only, for models that pool the CLS token (ettin, gte-reranker).
+
+The head reads one row per pair, and in the last layer no row depends on another except through its keys
+and values. So that layer needs keys and values of every token but queries, attention output, MLP and the
+final norm of the CLS row alone: about three quarters of a layer's work saved (≈11% of ettin-17m's 7 layers).
+Same math as transformers' `ModernBertEncoderLayer`, on fewer rows; the parity tests hold it to the
+reference within 1e-5.
+
+Padded input with SDPA only (the CPU default). Packed input, and any other attention implementation,
+run the wrapped layer unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ClsRowLastLayer(nn.Module):
+    """Wraps a ModernBertEncoderLayer: [N, S, H] in, [N, 1, H] out (the CLS row) on padded SDPA input."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.attention_type = layer.attention_type  # ModernBertModel picks each layer's mask by it
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+        attn = self.layer.attn
+        if "cu_seq_lens_q" in kwargs or attn.config._attn_implementation != "sdpa" or hidden_states.dim() != 3:
+            return self.layer(hidden_states, attention_mask=attention_mask,
+                              position_embeddings=position_embeddings, **kwargs)
+        from transformers.models.modernbert.modeling_modernbert import rotate_half
+
+        n, s, _ = hidden_states.shape
+        qkv = attn.Wqkv(self.layer.attn_norm(hidden_states)).view(n, s, 3, -1, attn.head_dim)
+        q = qkv[:, :1, 0].transpose(1, 2)  # [N, heads, 1, D]: the CLS query only
+        k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+
+        def rotate(x: torch.Tensor, c: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
+            # as transformers' apply_rotary_pos_emb: in fp32, then back to the input dtype
+            return (x.float() * c + rotate_half(x.float()) * s_).to(x.dtype)
+
+        q, k = rotate(q, cos[:, :, :1], sin[:, :, :1]), rotate(k, cos, sin)
+        mask = None if attention_mask is None else attention_mask[:, :, :1, :]  # the CLS row of [N, 1, S, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.head_dim ** -0.5)
+        hidden = hidden_states[:, :1] + attn.out_drop(attn.Wo(out.transpose(1, 2).reshape(n, 1, -1)))
+        return hidden + self.layer.mlp(self.layer.mlp_norm(hidden))
+
+
+def cls_only_last_layer(model: nn.Module) -> bool:
+    """Compute a ModernBertModel's last layer at the CLS row only (its output becomes [N, 1, H]).
+
+    Only for callers that read nothing but `last_hidden_state[:, 0]`. True when installed (or already there).
+    """
+    from transformers import ModernBertModel
+
+    if not isinstance(model, ModernBertModel):
+        return False
+    if not isinstance(model.layers[-1], ClsRowLastLayer):
+        model.layers[-1] = ClsRowLastLayer(model.layers[-1])
+    return True
