@@ -10,12 +10,13 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Awaitable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from models.encoded import EncodedBatch
 from models.errors import InputError
+from serve_app.fanout import plan_pieces, scatter
 from serve_app.schemas import (ApiError, CohereRerankRequest, PredictRequest, RerankRequest, TokenizeRequest,
                                predict_items)
 from serve_app.settings import AppSettings, ModelSettings
@@ -63,6 +64,18 @@ def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+async def _all_or_cancel(calls: Sequence[Awaitable[np.ndarray]]) -> list[np.ndarray]:
+    """The results of `calls`, run concurrently; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # reap them: no "exception never retrieved"
+        raise
+
+
 class RerankService:
     def __init__(self, settings: AppSettings, encoders: Mapping[str, Any], backends: Mapping[str, ModelBackend]):
         names = [m.name for m in settings.models]
@@ -72,6 +85,11 @@ class RerankService:
         self.encoders = dict(encoders)
         self.backends = dict(backends)
         self._described: dict[str, dict[str, Any]] = {}
+        from models.scoring import DEFAULT_TOKEN_BUDGET  # torch-heavy: imported once the app is built
+
+        # Fan-out piece size: the replica's batching budget, as the replica will resolve it.
+        self._piece_tokens = {m.name: m.token_budget or DEFAULT_TOKEN_BUDGET[m.resolved_device]
+                              for m in settings.models}
 
     # ---------------------------------------------------------------------------------------- helpers
     @property
@@ -108,13 +126,24 @@ class RerankService:
             raise ApiError(422, "Validation", f"{where}{e}") from e
 
     async def score(self, model: ModelSettings, batch: EncodedBatch) -> np.ndarray:
-        """Raw scores of `batch` from the model's deployment: one call for the whole request."""
+        """Raw scores of `batch` from the model's deployment: one call, or for a request of several token
+        budgets, up to `max_fanout` concurrent calls on length-sorted pieces (serve_app/fanout.py)."""
         start = time.perf_counter()
-        raw = np.asarray(await self.backends[model.name].score(batch), dtype=np.float32)
-        if raw.shape != (len(batch),):
-            raise RuntimeError(f"model {model.name!r} returned {raw.shape} scores for {len(batch)} inputs")
-        logger.info("model=%s pairs=%d tokens=%d score_ms=%.1f", model.name, len(batch), batch.num_tokens,
-                    (time.perf_counter() - start) * 1e3)
+        backend = self.backends[model.name]
+        # No more pieces than one replica takes at once: a lone request never queues (nor gets a 429)
+        # because of its own pieces.
+        pieces = plan_pieces(batch.lengths, piece_tokens=self._piece_tokens[model.name],
+                             max_pieces=min(model.max_fanout, model.max_ongoing_requests))
+        if len(pieces) == 1:
+            parts = [await backend.score(batch)]
+        else:
+            parts = await _all_or_cancel([backend.score(batch.select(index)) for index in pieces])
+        try:
+            raw = scatter(pieces, parts, len(batch))
+        except RuntimeError as e:
+            raise RuntimeError(f"model {model.name!r}: {e}") from None
+        logger.info("model=%s pairs=%d tokens=%d pieces=%d score_ms=%.1f", model.name, len(batch),
+                    batch.num_tokens, len(pieces), (time.perf_counter() - start) * 1e3)
         return raw
 
     async def _rank(self, model: ModelSettings, query: str, texts: list[str], field: str, *,
@@ -236,6 +265,7 @@ class RerankService:
             "batching": {
                 "token_budget": loaded.get("token_budget", model.token_budget),
                 "max_batch_wait_s": model.max_batch_wait_s,
+                "max_fanout": model.max_fanout,
                 "max_ongoing_requests": model.max_ongoing_requests,
                 "max_queued_requests": model.max_queued_requests,
             },

@@ -58,6 +58,10 @@ class ModelSettings(BaseModel):
     token_budget: PositiveInt | None = Field(default=None, description=(
         "Tokens per forward batch across requests; default chosen by models/ for the device."))
     max_batch_wait_s: float = Field(default=0.005, ge=0, le=10)
+    max_fanout: PositiveInt = Field(default=8, le=64, description=(
+        "A request of several token budgets goes to the model as up to this many length-sorted pieces, scored "
+        "concurrently (by several replicas when there are), never more than max_ongoing_requests; 1: each "
+        "request as one call. Ray's request limits (max_ongoing_requests, max_queued_requests) count these calls."))
     max_ongoing_requests: PositiveInt = 32
     max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded (no 429s).")
     retry_after_s: float = Field(default=1.0, ge=0, description="`Retry-After` sent with a 429.")
