@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import socket
@@ -160,7 +161,7 @@ class Service:
     """serve_app.build_app on a local Ray Serve instance, in this process; `close()` shuts it all down."""
 
     def __init__(self, model_dirs: dict[str, Path], *, device: str, dtype: str, token_budget: int | None,
-                 model_cpus: float, timeout_s: float = 600):
+                 model_cpus: float, model_replicas: int = 1, timeout_s: float = 600):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
         from ray import serve
@@ -168,16 +169,18 @@ class Service:
         from serve_app import build_app
 
         cores = os.cpu_count() or 1
-        # Logical CPUs: the model replica(s) get the machine's cores (so torch threads match (a) and (b)),
-        # plus room for the ingress.
+        # Logical CPUs: what the model replicas reserve (at least the machine's cores), plus room for the
+        # ingress.
         # address="local": a cluster of our own, never one that another process (a test session) started.
-        ray.init(address="local", num_cpus=max(cores, int(model_cpus * len(model_dirs))) + 1,
+        reserved = math.ceil(model_cpus * model_replicas * len(model_dirs))
+        ray.init(address="local", num_cpus=max(cores, reserved) + 1,
                  include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         self.port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         specs = []
         for name, path in model_dirs.items():
-            spec = {"name": name, "model_id": str(path), "dtype": dtype, "device": device, "num_cpus": model_cpus}
+            spec = {"name": name, "model_id": str(path), "dtype": dtype, "device": device, "num_cpus": model_cpus,
+                    "num_replicas": model_replicas}
             if device == "cuda":
                 spec["num_gpus"] = 1.0 / len(model_dirs)
             if token_budget:
@@ -305,8 +308,10 @@ def _defaults(args) -> None:
         args.latency_requests = 2 if args.quick else (20 if args.device == "cpu" else 100)
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    if args.model_replicas is None:  # CPU: one single-thread replica per core (README "CPU layout")
+        args.model_replicas = (os.cpu_count() or 1) if args.device == "cpu" else 1
     if args.model_cpus is None:
-        args.model_cpus = float(os.cpu_count() or 1) if args.device == "cpu" else 1.0
+        args.model_cpus = 1.0
 
 
 def parse_args(argv=None):
@@ -324,7 +329,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default fp32 CPU, bf16 GPU")
     ap.add_argument("--st-batch-size", type=int, default=32, help="CrossEncoder.predict batch size (its default)")
     ap.add_argument("--token-budget", type=int, help="token budget of the project's scorer (default: its own)")
-    ap.add_argument("--model-cpus", type=float, help="CPUs of each model replica (default: all cores on CPU)")
+    ap.add_argument("--model-cpus", type=float, help="CPUs (and torch threads) of each model replica (default 1)")
+    ap.add_argument("--model-replicas", type=int, help="replicas of each model (default: one per core on CPU, "
+                                                       "1 on CUDA)")
     ap.add_argument("--workdir", help="where models are built (reused when complete); default a temp dir")
     ap.add_argument("--skip-http", action="store_true", help="measure (a) and (b) only")
     args = ap.parse_args(argv)
@@ -385,7 +392,8 @@ def run(args) -> dict:
     if not args.skip_http and dirs:
         service = _stage(report, "service", lambda: Service(dirs, device=args.device, dtype=args.dtype,
                                                             token_budget=args.token_budget,
-                                                            model_cpus=args.model_cpus))
+                                                            model_cpus=args.model_cpus,
+                                                            model_replicas=args.model_replicas))
         if service is not None:
             try:
                 for name in dirs:

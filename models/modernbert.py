@@ -2,7 +2,8 @@
 
 The head reads one row per pair, and in the last layer no row depends on another except through its keys
 and values. So that layer needs keys and values of every token but queries, attention output, MLP and the
-final norm of the CLS row alone: about three quarters of a layer's work saved (≈11% of ettin-17m's 7 layers).
+final norm of the CLS row alone: about three quarters of one layer's work saved. Measured on the ettin-17m
+shape (7 layers), fp32 CPU: 1.18x the scorer's pairs/s.
 Same math as transformers' `ModernBertEncoderLayer`, on fewer rows; the parity tests hold it to the
 reference within 1e-5.
 
