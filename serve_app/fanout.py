@@ -1,10 +1,9 @@
 """How the ingress cuts one request into pieces that its model's replicas score concurrently.
 
-A request goes to its model as one handle call, or, when it holds more than one token budget of tokens, as up
-to `max_pieces` calls in flight at once. Ray routes each call to the least-busy replica, so several replicas
-share a big request (its latency falls with the replica count) and their queues stay even. On CPU this is
-what makes one-thread replicas, one per core, the fastest layout: no OpenMP barriers, and still every core
-on a single request.
+A request goes to its model as one handle call, or, when it holds at least two token budgets of tokens, as up
+to `max_pieces` calls in flight at once. Ray's router sends each call to the less busy of two replicas, so
+several replicas share a big request (its latency falls with the replica count) and their queues stay even.
+On CPU this is what lets single-thread replicas, one per core, serve one request with every core.
 """
 from __future__ import annotations
 
