@@ -26,6 +26,11 @@ DEFAULT_TOKEN_BUDGET = {"cpu": 4096, "cuda": 65536}
 EXECUTIONS = ("auto", "packed", "padded")
 
 
+def resolve_token_budget(token_budget: int | None, device: str) -> int:
+    """The configured budget, else the device's default (the ingress cuts requests by the same figure)."""
+    return int(token_budget or DEFAULT_TOKEN_BUDGET["cuda" if device.startswith("cuda") else "cpu"])
+
+
 def chunk_by_budget(sorted_lengths: np.ndarray, token_budget: int) -> list[slice]:
     """Slices of an ascending length array whose padded size (count × longest) stays within the budget.
     A sequence longer than the budget gets a chunk of its own."""
@@ -101,8 +106,7 @@ class Scorer:
                  token_budget: int | None, pad_id: int, uses_token_types: bool = False, execution: str = "auto"):
         self.family, self.model_id, self.encoder = family, model_id, encoder
         self.dtype, self.device, self.max_length = dtype, device, encoder.max_length
-        kind = "cuda" if device.startswith("cuda") else "cpu"
-        self.token_budget = int(token_budget or DEFAULT_TOKEN_BUDGET[kind])
+        self.token_budget = resolve_token_budget(token_budget, device)
         self.pad_id, self.uses_token_types = pad_id, uses_token_types
         self.num_parameters = 0
         if execution not in EXECUTIONS:  # fail before the weights load

@@ -85,10 +85,10 @@ class RerankService:
         self.encoders = dict(encoders)
         self.backends = dict(backends)
         self._described: dict[str, dict[str, Any]] = {}
-        from models.scoring import DEFAULT_TOKEN_BUDGET  # torch-heavy: imported once the app is built
+        from models.scoring import resolve_token_budget  # torch-heavy: imported once the app is built
 
-        # Fan-out piece size: the replica's batching budget, as the replica will resolve it.
-        self._piece_tokens = {m.name: m.token_budget or DEFAULT_TOKEN_BUDGET[m.resolved_device]
+        # Fan-out piece size: the replica's batching budget, resolved as the replica resolves it.
+        self._piece_tokens = {m.name: resolve_token_budget(m.token_budget, m.resolved_device)
                               for m in settings.models}
 
     # ---------------------------------------------------------------------------------------- helpers
