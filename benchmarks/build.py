@@ -117,8 +117,15 @@ def build_qwen3(path: Path, seed: int = 0) -> Path:
     cfg = Qwen3Config(**QWEN3_06B, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     # bf16 on disk as the real checkpoint; loaders up-cast where they run fp32.
-    Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    tok.save_pretrained(path)
+    return save_qwen3_reranker(Qwen3ForCausalLM(cfg).to(torch.bfloat16), tok, path)
+
+
+def save_qwen3_reranker(model, tokenizer, path: Path) -> Path:
+    """Save a Qwen3ForCausalLM and its tokenizer in the official Qwen3-Reranker layout: a config without the
+    id2label/label2id that save_pretrained writes. tests/tiny_models builds its Qwen3 fixtures with it too."""
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     cfg_json = json.loads((path / "config.json").read_text())
     cfg_json.pop("id2label", None)
     cfg_json.pop("label2id", None)

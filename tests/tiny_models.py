@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from benchmarks.build import save_qwen3_reranker
+
 # Enough variety to train a vocabulary that covers the test texts, non-ASCII included.
 CORPUS = [
     "what is the capital of france",
@@ -261,13 +263,7 @@ def build_qwen3_reranker(path: str | os.PathLike, *, tied: bool = True, seed: in
     if not tied:  # make the untied head clearly different from the embedding
         with torch.no_grad():
             model.lm_head.weight.normal_(0, 0.5)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    cfg_json = json.loads((path / "config.json").read_text())
-    cfg_json.pop("id2label", None)
-    cfg_json.pop("label2id", None)
-    (path / "config.json").write_text(json.dumps(cfg_json, indent=2))
-    return path
+    return save_qwen3_reranker(model, tok, path)
 
 
 BUILDERS = {
