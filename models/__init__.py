@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import families
 from .common import resolve_device, resolve_dtype
-from .detect import FAMILIES, detect_family
+from .detect import detect_family
 from .encoded import EncodedBatch
 from .encoding import Encoder
 from .errors import (InputError, InputTooLongError, InstructionNotSupportedError, ModelLoadError,
                      PairRequiredError)
+from .families import FAMILIES
 from .hub import resolve_model_dir
 from .scoring import Scorer
 
@@ -22,26 +24,20 @@ __all__ = ["EncodedBatch", "ModelLoadError", "InputError", "InputTooLongError", 
            "Encoder", "Scorer", "FAMILIES"]
 
 
-def _family_module(family: str):
-    from . import modular, qwen3, seq_cls
-
-    return {"modular": modular, "seq_cls": seq_cls, "qwen3": qwen3}[family]
-
-
-def _resolve(model_id: str, revision: str | None, family: str, token: str | None) -> tuple[Path, str]:
+def _resolve(model_id: str, revision: str | None, family: str, token: str | None) -> tuple[Path, families.Family]:
     model_dir = resolve_model_dir(model_id, revision=revision, token=token)
     if family in (None, "auto"):
         family = detect_family(model_dir, model_id)
     elif family not in FAMILIES:
         raise ModelLoadError(model_id, f"unknown family {family!r}; use auto or one of {FAMILIES}")
-    return model_dir, family
+    return model_dir, families.get(family)
 
 
 def load_encoder(model_id: str, *, revision: str | None = None, family: str = "auto", max_length: int | None = None,
                  token: str | None = None) -> Encoder:
     """The model's tokenizer-side half (no weights): for the HTTP ingress."""
     model_dir, family = _resolve(model_id, revision, family, token)
-    return _family_module(family).load_encoder(model_id, model_dir, max_length=max_length)
+    return family.load_encoder(model_id, model_dir, max_length=max_length)
 
 
 def load_scorer(model_id: str, *, revision: str | None = None, family: str = "auto", dtype: str = "auto",
@@ -52,10 +48,8 @@ def load_scorer(model_id: str, *, revision: str | None = None, family: str = "au
     execution: "auto" (packed on CUDA in fp16/bf16 where the model supports it, padded otherwise), "packed"
     (padded where unsupported, with a warning) or "padded"; `scorer.execution` says what was chosen.
     token_budget: tokens per forward chunk — padded size for padded chunks, real tokens for packed ones."""
-    model_dir, family = _resolve(model_id, revision, family, token)
+    model_dir, family = _resolve(model_id, revision, family, token)  # detection reads files only: before any weights
     device = resolve_device(model_id, device)
     dtype = resolve_dtype(model_id, dtype, device)
-    module = _family_module(family)
-    scorer_cls = {"modular": "ModularScorer", "seq_cls": "SeqClsScorer", "qwen3": "Qwen3Scorer"}[family]
-    return getattr(module, scorer_cls)(model_id, model_dir, dtype=dtype, device=device, max_length=max_length,
-                                       token_budget=token_budget, execution=execution)
+    return family.scorer(model_id, model_dir, dtype=dtype, device=device, max_length=max_length,
+                         token_budget=token_budget, execution=execution)

@@ -1,27 +1,17 @@
-"""Which family a model directory belongs to, read from its files (no weights loaded)."""
+"""Which family a model directory belongs to, read from its files (no weights loaded): each registered family's
+own rule, tried in the registry's order (models/families.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .common import read_json
 from .errors import ModelLoadError
+from .families import FAMILIES, ModelFiles, all_families, model_names
 
-FAMILIES = ("modular", "seq_cls", "qwen3")
-
-# Causal-LM architectures scored as yes/no rerankers.
-_QWEN3_ARCHS = {"Qwen3ForCausalLM"}
+__all__ = ["FAMILIES", "detect_family", "model_files"]
 
 
-def _module_class(type_string: str) -> str:
-    return str(type_string).rsplit(".", 1)[-1]
-
-
-def detect_family(path, model_id: str | None = None) -> str:
-    """One of FAMILIES, or a ModelLoadError saying why none fits.
-
-    A modules.json with more than a lone Transformer is a modular Sentence Transformers cross-encoder
-    (its chain is validated when loading); else config.json's architectures decide.
-    """
+def model_files(path, model_id: str | None = None) -> ModelFiles:
     path = Path(path)
     model_id = model_id or str(path)
     if not path.is_dir():
@@ -29,19 +19,25 @@ def detect_family(path, model_id: str | None = None) -> str:
     modules = read_json(model_id, path / "modules.json", required=False)
     config_dir = path
     if modules is not None:
-        if not isinstance(modules, list) or not modules:
-            raise ModelLoadError(model_id, "modules.json is not a non-empty list", file="modules.json")
-        if len(modules) > 1:
-            return "modular"
-        # A lone Transformer module (a classifier saved by sentence-transformers): its config decides.
+        if not isinstance(modules, list) or not modules or not all(isinstance(m, dict) for m in modules):
+            raise ModelLoadError(model_id, "modules.json is not a non-empty list of modules", file="modules.json")
+        modules = sorted(modules, key=lambda m: int(m.get("idx", 0)))
+        # The first module is the Transformer: its folder holds the backbone's config.json.
         config_dir = path / modules[0].get("path", "")
-    config = read_json(model_id, config_dir / "config.json")
-    archs = list(config.get("architectures") or [])
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "seq_cls"
-    if _QWEN3_ARCHS & set(archs):
-        return "qwen3"
+    return ModelFiles(path=path, model_id=model_id, modules=modules, config_dir=config_dir,
+                      names=model_names(path, model_id))
+
+
+def detect_family(path, model_id: str | None = None) -> str:
+    """One of FAMILIES, or a ModelLoadError saying why none fits."""
+    files = model_files(path, model_id)
+    families = all_families()
+    for family in families:
+        if family.detect(files):
+            return family.name
+    config = files.config
     raise ModelLoadError(
-        model_id, f"unsupported architecture {archs or None} (model_type {config.get('model_type')!r}); supported: "
-                  "modular Sentence Transformers cross-encoders (modules.json), *ForSequenceClassification, "
-                  "Qwen3ForCausalLM (Qwen3-Reranker)", file="config.json")
+        files.model_id, f"unsupported architecture {files.architectures or None} (model_type "
+                        f"{config.get('model_type')!r}); supported: {'; '.join(f.supports for f in families)}. "
+                        "A supported family the files do not name can be set with `family`",
+        file="config.json")

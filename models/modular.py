@@ -17,23 +17,16 @@ from torch import nn
 from .common import from_pretrained, load_config, packed_position_offset, read_json, torch_dtype
 from .encoding import PairEncoder
 from .errors import ModelLoadError
+from .families import Family
 from .modernbert import cls_only_last_layer
 from .scoring import Scorer
-from .seq_cls import load_tokenizer, pad_id_of, pair_encoder
+from .pooling import LEGACY_POOLING_FLAGS, PACKED_POOLING_MODES, POOLING_MODES, pool, pool_packed
+from .tokenization import load_tokenizer, pad_id_of, pair_encoder
 
 # Current (`sentence_transformers.base.modules.transformer.Transformer`, `...sentence_transformer.modules.
 # pooling.Pooling`, ...) and legacy (`sentence_transformers.models.Dense`) module type strings.
 _MODULE_TYPE = re.compile(r"^sentence_transformers\.(?:models|base\.modules|sentence_transformer\.modules|"
                           r"cross_encoder\.modules)(?:\.[a-z_]+)?\.(Transformer|Pooling|Dense|LayerNorm)$")
-
-# sentence-transformers' legacy boolean flags, in the order it concatenates the pooled vectors.
-_LEGACY_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-                         "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-                         "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-POOLING_MODES = tuple(_LEGACY_POOLING_FLAGS.values())
-# Modes with a packed (segment) form; mean_sqrt_len_tokens / weightedmean models run padded.
-PACKED_POOLING_MODES = ("cls", "lasttoken", "mean", "max")
-
 
 def module_kind(type_string: str) -> str | None:
     m = _MODULE_TYPE.match(str(type_string))
@@ -54,7 +47,7 @@ def _pooling_modes(model_id: str, cfg: dict, file: str) -> tuple[str, ...]:
         mode = cfg["pooling_mode"]
         modes = (mode,) if isinstance(mode, str) else tuple(mode)
     else:
-        modes = tuple(m for flag, m in _LEGACY_POOLING_FLAGS.items() if cfg.get(flag)) or ("mean",)
+        modes = tuple(m for flag, m in LEGACY_POOLING_FLAGS.items() if cfg.get(flag)) or ("mean",)
     for m in modes:
         if m not in POOLING_MODES:
             raise ModelLoadError(model_id, f"unsupported pooling mode {m!r} (known: {POOLING_MODES})", file=file)
@@ -166,53 +159,6 @@ def _load_state(model_id: str, module: nn.Module, folder: Path) -> None:
         raise ModelLoadError(model_id, f"module weights do not match its config: {e}", file=str(folder)) from e
 
 
-def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
-    """sentence-transformers Pooling on RIGHT-padded input: padding never counts; modes are concatenated."""
-    mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
-    acc = torch.float32 if token_embeddings.dtype in (torch.float16, torch.bfloat16) else token_embeddings.dtype
-    lengths = attention_mask.sum(dim=1)
-    rows = torch.arange(token_embeddings.shape[0], device=token_embeddings.device)
-    out = []
-    for mode in modes:
-        if mode == "cls":
-            out.append(token_embeddings[:, 0])
-        elif mode == "max":
-            out.append(token_embeddings.masked_fill(mask == 0, float("-inf")).max(dim=1).values)
-        elif mode in ("mean", "mean_sqrt_len_tokens"):
-            total = (token_embeddings * mask).sum(dim=1, dtype=acc)
-            count = torch.clamp(mask.sum(dim=1, dtype=acc), min=1e-9)
-            out.append((total / (count if mode == "mean" else torch.sqrt(count))).to(token_embeddings.dtype))
-        elif mode == "weightedmean":
-            weights = torch.arange(1, token_embeddings.shape[1] + 1, device=mask.device, dtype=acc).view(1, -1, 1)
-            weighted = mask.to(acc) * weights
-            total = (token_embeddings * weighted).sum(dim=1)
-            out.append((total / torch.clamp(weighted.sum(dim=1), min=1e-9)).to(token_embeddings.dtype))
-        elif mode == "lasttoken":
-            out.append(token_embeddings[rows, lengths - 1])
-    return torch.cat(out, dim=-1)
-
-
-def pool_packed(hidden: torch.Tensor, cu_seq_lens: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
-    """`pool` on packed hidden states [1, T, H]: cls / lasttoken read one row per pair, mean / max reduce each
-    segment in one op."""
-    from .packing import first_token, last_token, segment_max, segment_mean
-
-    out = []
-    for mode in modes:
-        if mode == "cls":
-            out.append(first_token(hidden, cu_seq_lens))
-        elif mode == "lasttoken":
-            out.append(last_token(hidden, cu_seq_lens))
-        elif mode == "mean":  # accumulate half precision in fp32, as `pool` does
-            acc = hidden.float() if hidden.dtype in (torch.float16, torch.bfloat16) else hidden
-            out.append(segment_mean(acc, cu_seq_lens).to(hidden.dtype))
-        elif mode == "max":
-            out.append(segment_max(hidden, cu_seq_lens))
-        else:
-            raise ValueError(f"pooling mode {mode!r} has no packed form")
-    return torch.cat(out, dim=-1)
-
-
 class ModularHead(nn.Module):
     def __init__(self, modes: tuple[str, ...], steps: list[nn.Module]):
         super().__init__()
@@ -303,3 +249,12 @@ class ModularScorer(Scorer):
     def _forward_packed(self, inputs):
         hidden = self.backbone(**inputs.model_kwargs()).last_hidden_state
         return self.head.forward_packed(hidden, inputs.cu_seq_lens)
+
+
+def _detect(files) -> bool:
+    # More than a lone Transformer (its chain is validated when loading); a lone one is judged by its config.
+    return files.modules is not None and len(files.modules) > 1
+
+
+FAMILY = Family(name="modular", detect=_detect, load_encoder=load_encoder, scorer=ModularScorer,
+                supports="modular Sentence Transformers cross-encoders (modules.json: Transformer, Pooling, Dense)")

@@ -12,8 +12,9 @@ import torch
 from .common import from_pretrained, load_config, position_limit, resolve_max_length, torch_dtype
 from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
 from .errors import InputTooLongError, ModelLoadError, PairRequiredError
+from .families import Family
 from .scoring import Scorer
-from .seq_cls import load_tokenizer
+from .tokenization import load_tokenizer
 
 # The official recipe (Qwen/Qwen3-Reranker-* model cards).
 PREFIX = ('<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the '
@@ -184,3 +185,11 @@ class Qwen3Scorer(Scorer):
         last = attention_mask.sum(dim=1) - 1  # right padding: the last REAL token of each row
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return h.float() @ self.score_vector
+
+
+def _detect(files) -> bool:
+    return "Qwen3ForCausalLM" in files.architectures
+
+
+FAMILY = Family(name="qwen3", detect=_detect, load_encoder=load_encoder, scorer=Qwen3Scorer,
+                supports="Qwen3ForCausalLM (Qwen3-Reranker)")

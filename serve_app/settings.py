@@ -12,6 +12,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, field_validator, model_validator
 
+from models.families import FAMILIES
+
 DEFAULT_MODEL_ID = "cross-encoder/ettin-reranker-17m-v1"
 API_KEY_ENV = "RERANK_API_KEY"
 HF_TOKEN_ENV = "HF_TOKEN"
@@ -39,7 +41,7 @@ class ModelSettings(BaseModel):
     name: str = Field(default="", description="Name clients put in `model`; default: the model_id.")
     model_id: str = Field(description="Hugging Face Hub id or local directory.")
     revision: str | None = None
-    family: Literal["auto", "modular", "seq_cls", "qwen3"] = "auto"
+    family: Literal[("auto", *FAMILIES)] = "auto"  # models/families.py: every registered family
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_length: PositiveInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,0 +1,80 @@
+"""The registry of reranker families: which exist, in which order detection tries them, and where each lives.
+
+A family is one module of models/ that ends with `FAMILY = Family(...)`: its name, its detection rule, its encoder
+loader and its scorer class. Detection (detect.py), `load_encoder` / `load_scorer` (models/__init__.py), the
+settings' `family` values and `/info` all read this registry. Adding a family = its module + one line below.
+
+The names are plain data, so importing this module loads no family (and no torch).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+# name -> module under models/, in DETECTION ORDER: the first family whose rule matches a model wins.
+_MODULES = {
+    "modular": "modular",  # modules.json: Transformer -> Pooling -> Dense...
+    "seq_cls": "seq_cls",  # config.json: *ForSequenceClassification
+    "qwen3": "qwen3",  # config.json: Qwen3ForCausalLM (the official Qwen3-Reranker layout)
+}
+FAMILIES: tuple[str, ...] = tuple(_MODULES)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    detect: Callable[["ModelFiles"], bool]  # True when the model's files say it is of this family
+    load_encoder: Callable[..., Any]  # (model_id, model_dir, *, max_length) -> Encoder (tokenizer only)
+    scorer: type  # Scorer subclass: (model_id, model_dir, *, dtype, device, max_length, token_budget, execution)
+    supports: str  # what it serves, for the "unsupported model" message
+
+
+@dataclass
+class ModelFiles:
+    """What detection rules read: modules.json (None when absent), the backbone's config.json (read on first
+    use) and the names the model goes by (Hub id, folder name, the Hub cache's `models--org--name`)."""
+    path: Path
+    model_id: str
+    modules: list | None
+    config_dir: Path
+    names: frozenset[str] = field(default_factory=frozenset)
+
+    @cached_property
+    def config(self) -> dict:
+        from .common import read_json
+
+        return read_json(self.model_id, self.config_dir / "config.json")
+
+    @property
+    def architectures(self) -> list[str]:
+        return [str(a) for a in self.config.get("architectures") or []]
+
+    @property
+    def module_types(self) -> list[str]:
+        """modules.json's class names (`...cross_encoder.modules.logit_score.LogitScore` -> `LogitScore`)."""
+        return [str(m.get("type", "")).rsplit(".", 1)[-1] for m in self.modules or []]
+
+
+def model_names(path: Path, model_id: str) -> frozenset[str]:
+    """Lower-case names a model goes by: the last part of its Hub id / path, its folder, and the repository
+    name of a Hub cache snapshot (`.../models--org--name/snapshots/<rev>`)."""
+    names = {Path(str(model_id).rstrip("/")).name, path.resolve().name, path.name}
+    for part in (*Path(str(model_id)).parts, *path.resolve().parts):
+        if part.startswith("models--"):
+            names.add(part.split("--")[-1])
+    return frozenset(n.lower() for n in names if n)
+
+
+def get(name: str) -> Family:
+    """The registered family `name` (its module imported on first use)."""
+    module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
+    family = module.FAMILY
+    assert family.name == name, f"models/{_MODULES[name]}.py declares {family.name!r}, registered as {name!r}"
+    return family
+
+
+def all_families() -> list[Family]:
+    return [get(name) for name in FAMILIES]
