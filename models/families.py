@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 # name -> module under models/, in DETECTION ORDER: the first family whose rule matches a model wins.
 _MODULES = {
+    "st_causal": "st_causal",  # modules.json with a LogitScore: Sentence Transformers causal CrossEncoder
     "modular": "modular",  # modules.json: Transformer -> Pooling -> Dense...
     "seq_cls": "seq_cls",  # config.json: *ForSequenceClassification
     "qwen3": "qwen3",  # config.json: Qwen3ForCausalLM (the official Qwen3-Reranker layout)

@@ -4,11 +4,11 @@ projection. W is lm_head.weight, or the input embedding when tie_word_embeddings
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from .causal import read_weight_rows
 from .common import from_pretrained, load_config, position_limit, resolve_max_length, torch_dtype
 from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
 from .errors import InputTooLongError, ModelLoadError, PairRequiredError
@@ -110,32 +110,6 @@ def yes_no_ids(model_id: str, tokenizer) -> tuple[int, int]:
     if any(i is None or i == tokenizer.unk_token_id for i in ids):
         raise ModelLoadError(model_id, "the tokenizer has no single 'yes' / 'no' tokens; not a yes/no reranker")
     return int(ids[0]), int(ids[1])
-
-
-def read_weight_rows(model_id: str, model_dir: Path, name: str, rows: list[int]) -> torch.Tensor:
-    """Rows of one checkpoint tensor, read without loading the tensor (safetensors slices; *.bin via mmap)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if name not in weight_map:
-            raise ModelLoadError(model_id, f"tensor {name} missing from the checkpoint", file=index.name)
-        files = [model_dir / weight_map[name]]
-    else:
-        files = [model_dir / "model.safetensors"]
-    if files[0].is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(files[0]), framework="pt") as f:
-            if name not in f.keys():
-                raise ModelLoadError(model_id, f"tensor {name} missing from the checkpoint", file=files[0].name)
-            sl = f.get_slice(name)
-            return torch.stack([sl[r:r + 1][0] for r in rows])
-    bins = sorted(model_dir.glob("pytorch_model*.bin"))
-    for b in bins:
-        state = torch.load(str(b), map_location="cpu", weights_only=True, mmap=True)
-        if name in state:
-            return state[name][rows].clone()
-    raise ModelLoadError(model_id, f"tensor {name} not found in any weights file", file=str(model_dir))
 
 
 class Qwen3Scorer(Scorer):

@@ -1,0 +1,105 @@
+"""Pieces shared by the causal-LM rerankers (Qwen3-Reranker, Sentence Transformers causal CrossEncoders,
+mxbai-rerank-v2, bge-reranker-v2-gemma): their score is read from the next-token logits at the last token.
+
+Only the vocabulary rows the score needs are ever multiplied (h · W[token] for a handful of tokens), never the
+whole output projection; W is lm_head.weight, or the input embedding when the model ties them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import ModelLoadError
+
+
+def read_weight_rows(model_id: str, model_dir: Path, name: str, rows: list[int]) -> torch.Tensor:
+    """Rows of one checkpoint tensor, read without loading the tensor (safetensors slices; *.bin via mmap)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if name not in weight_map:
+            raise ModelLoadError(model_id, f"tensor {name} missing from the checkpoint", file=index.name)
+        files = [model_dir / weight_map[name]]
+    else:
+        files = [model_dir / "model.safetensors"]
+    if files[0].is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(files[0]), framework="pt") as f:
+            if name not in f.keys():
+                raise ModelLoadError(model_id, f"tensor {name} missing from the checkpoint", file=files[0].name)
+            sl = f.get_slice(name)
+            return torch.stack([sl[r:r + 1][0] for r in rows])
+    bins = sorted(model_dir.glob("pytorch_model*.bin"))
+    for b in bins:
+        state = torch.load(str(b), map_location="cpu", weights_only=True, mmap=True)
+        if name in state:
+            return state[name][rows].clone()
+    raise ModelLoadError(model_id, f"tensor {name} not found in any weights file", file=str(model_dir))
+
+
+def is_tied(config) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+
+
+class TokenLogits:
+    """The causal LM's logits of a few tokens from final hidden states: [N, H] -> [N, k] in fp32, with the
+    model's final logit soft-capping (Gemma 2/3) applied as its lm_head forward does."""
+
+    def __init__(self, model_id: str, model_dir: Path, config, model, token_ids: Sequence[int], device: str):
+        ids = [int(t) for t in token_ids]
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if any(not 0 <= t < vocab for t in ids):
+            raise ModelLoadError(model_id, f"score token ids {ids} are outside the vocabulary of {vocab}")
+        self.tied = is_tied(config)
+        rows = (model.get_input_embeddings().weight[ids] if self.tied
+                else read_weight_rows(model_id, model_dir, "lm_head.weight", ids))
+        self.weight = rows.detach().float().to(device)  # [k, H], fp32 like the fp32 up-cast of the logits
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.softcap = getattr(text, "final_logit_softcapping", None)
+        # Extra lm_head parameters this model does not materialise (for num_parameters).
+        self.untied_parameters = 0 if self.tied else int(text.vocab_size) * int(text.hidden_size)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden.float() @ self.weight.T
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def last_hidden_padded(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, H]: the base model's hidden state at the last REAL token of each right-padded row."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    last = attention_mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def last_hidden_packed(model, inputs) -> torch.Tensor:
+    """[N, H]: the base model's hidden state at the last token of each packed sequence."""
+    from .packing import last_token
+
+    hidden = model(**inputs.model_kwargs(), use_cache=False).last_hidden_state
+    return last_token(hidden, inputs.cu_seq_lens)
+
+
+def pad_token_id(tokenizer, config=None) -> int:
+    """Right padding's filler (never attended): the tokenizer's pad, else EOS, else the config's, else 0."""
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id, getattr(config, "pad_token_id", None)):
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+def cut_texts(backend, texts: list[str], max_tokens: int, direction: str) -> list[str]:
+    """Each text cut to its first (right) or last (left) `max_tokens` tokens, at token character offsets: for
+    templates that re-tokenize the text inside a prompt, the cut must be made on the text."""
+    out = []
+    for text, enc in zip(texts, backend.encode_batch(texts, add_special_tokens=False)):
+        if len(enc.ids) > max_tokens:
+            text = text[:enc.offsets[max_tokens - 1][1]] if direction == "right" else text[enc.offsets[-max_tokens][0]:]
+        out.append(text)
+    return out

@@ -1,0 +1,76 @@
+"""Tiny random-weight causal-LM rerankers in their real on-disk layouts (built by the tests, no network):
+Sentence Transformers causal CrossEncoders (saved by sentence-transformers itself), mxbai-rerank-v2 (a plain
+Qwen2ForCausalLM) and bge-reranker-v2-gemma (a plain GemmaForCausalLM)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tests.tiny_models import INIT, _qwen_tokenizer
+
+# A Qwen3-Reranker-style template over the roles sentence-transformers maps a pair to (flat message contents).
+FLAT_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n<Instruct>: "
+    "{{ (messages | selectattr('role', 'eq', 'system') | map(attribute='content') | first) or "
+    "'Given a web search query, retrieve relevant passages that answer the query' }}\n"
+    "<Query>: {{ messages | selectattr('role', 'eq', 'query') | map(attribute='content') | first }}\n"
+    "<Document>: {{ messages | selectattr('role', 'eq', 'document') | map(attribute='content') | first }}"
+    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+# Structured contents ([{"type": "text", "text": ...}]), the system message as a leading turn, and a template
+# variable that processing_kwargs["chat_template"] sets.
+STRUCTURED_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content[0].text }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n{{ answer_prefix | default('no') }}: ")
+
+
+def _qwen3_lm(tok, *, tied: bool, seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                      tie_word_embeddings=tied, initializer_range=INIT, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    model = Qwen3ForCausalLM(cfg)
+    if not tied:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.5)
+    return model
+
+
+def build_st_causal(path: str | os.PathLike, *, variant: str = "flat", seed: int = 11) -> Path:
+    """A causal CrossEncoder saved by sentence-transformers (modules.json = Transformer + LogitScore).
+
+    flat: tied Qwen3, yes/no tokens, the template's own default instruction, max length 96.
+    structured: untied Qwen3, only a true token (false_token_id null), a saved default prompt, a template
+    variable from processing_kwargs, max length 80.
+    """
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.cross_encoder.modules import LogitScore
+
+    path = Path(path)
+    tok = _qwen_tokenizer()
+    structured = variant == "structured"
+    tok.chat_template = STRUCTURED_TEMPLATE if structured else FLAT_TEMPLATE
+    base = path.parent / (path.name + "_base")
+    _qwen3_lm(tok, tied=not structured, seed=seed).save_pretrained(base)
+    tok.save_pretrained(base)
+    yes, no = tok.convert_tokens_to_ids(["yes", "no"])
+    if structured:
+        transformer = Transformer(str(base), transformer_task="text-generation", max_seq_length=80,
+                                  processing_kwargs={"chat_template": {"answer_prefix": "yes"}})
+        model = CrossEncoder(modules=[transformer, LogitScore(true_token_id=yes, false_token_id=None)],
+                             prompts={"web": "Given a web search query, retrieve relevant passages",
+                                      "short": "judge"}, default_prompt_name="web")
+    else:
+        transformer = Transformer(str(base), transformer_task="text-generation", max_seq_length=96)
+        model = CrossEncoder(modules=[transformer, LogitScore(true_token_id=yes, false_token_id=no)])
+    model.save(str(path))
+    shutil.rmtree(base)
+    return path
