@@ -103,3 +103,40 @@ def cut_texts(backend, texts: list[str], max_tokens: int, direction: str) -> lis
             text = text[:enc.offsets[max_tokens - 1][1]] if direction == "right" else text[enc.offsets[-max_tokens][0]:]
         out.append(text)
     return out
+
+
+class CausalLMScorer:
+    """Mixin body of the causal-LM reranker scorers: the headless base model (the vocabulary projection is never
+    materialised), the logits of the score tokens at the last token, packed where the base model runs packed.
+    A family subclasses it with Scorer and implements `combine(logits [N, k]) -> raw scores [N]`."""
+
+    def load_causal_lm(self, model_id: str, weights_dir: Path, config, token_ids: Sequence[int]) -> None:
+        from transformers import AutoModel
+
+        from .common import from_pretrained, packed_position_offset, torch_dtype
+
+        model = from_pretrained(model_id, AutoModel, weights_dir, quiet_unexpected=True, config=config,
+                                dtype=torch_dtype(self.dtype))
+        self.model = model.to(self.device).eval()
+        self.logits = TokenLogits(model_id, weights_dir, config, self.model, token_ids, self.device)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters()) + self.logits.untied_parameters
+        offset = packed_position_offset(config)
+        self._packable = offset is not None
+        self.position_offset = offset or 0
+        self.set_execution()
+
+    @property
+    def supports_packed(self) -> bool:
+        return self._packable  # base models verified to run packed (models/common.py)
+
+    def _attention_modules(self):
+        return [self.model]
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_packed(self, inputs):
+        return self.combine(self.logits(last_hidden_packed(self.model, inputs)))
+
+    def _forward_padded(self, input_ids, attention_mask, token_type_ids):
+        return self.combine(self.logits(last_hidden_padded(self.model, input_ids, attention_mask)))

@@ -91,7 +91,8 @@ def position_limit(config) -> int | None:
 # Base models verified to run packed (tests/models/test_attention.py, test_packed_scoring.py): their forward passes
 # position_ids and the cu_seq_lens kwargs through to transformers' AttentionInterface. Value: how the first
 # position id of a sequence is found.
-_PACKED_MODEL_TYPES = {"modernbert": "zero", "bert": "zero", "qwen3": "zero", "xlm-roberta": "pad_plus_one"}
+_PACKED_MODEL_TYPES = {"modernbert": "zero", "bert": "zero", "qwen3": "zero", "xlm-roberta": "pad_plus_one",
+                       "qwen2": "zero", "gemma": "zero"}
 
 
 def packed_position_offset(config) -> int | None:

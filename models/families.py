@@ -20,6 +20,7 @@ _MODULES = {
     "modular": "modular",  # modules.json: Transformer -> Pooling -> Dense...
     "seq_cls": "seq_cls",  # config.json: *ForSequenceClassification
     "qwen3": "qwen3",  # config.json: Qwen3ForCausalLM (the official Qwen3-Reranker layout)
+    "mxbai": "mxbai",  # Qwen2ForCausalLM named mxbai-rerank-*-v2 (Hub id, folder, Hub cache folder)
 }
 FAMILIES: tuple[str, ...] = tuple(_MODULES)
 

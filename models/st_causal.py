@@ -15,9 +15,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .causal import TokenLogits, cut_texts, last_hidden_packed, last_hidden_padded, pad_token_id
-from .common import from_pretrained, load_config, packed_position_offset, position_limit, read_json, \
-    resolve_max_length, torch_dtype
+from .causal import CausalLMScorer, cut_texts, pad_token_id
+from .common import load_config, position_limit, read_json, resolve_max_length
 from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
 from .errors import InputError, InputTooLongError, ModelLoadError, PairRequiredError
 from .families import Family
@@ -207,44 +206,19 @@ def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = Non
     return _encoder(model_id, spec, load_config(model_id, spec.backbone_dir), max_length)
 
 
-class StCausalScorer(Scorer):
+class StCausalScorer(CausalLMScorer, Scorer):
     def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
                  token_budget: int | None, execution: str = "auto"):
-        from transformers import AutoModel
-
         spec = Spec(model_id, model_dir)
         config = load_config(model_id, spec.backbone_dir)
         encoder = _encoder(model_id, spec, config, max_length)
         super().__init__(family=NAME, model_id=model_id, encoder=encoder, dtype=dtype, device=device,
                          token_budget=token_budget, pad_id=pad_token_id(encoder.tokenizer, config), execution=execution)
-        # The headless base model: the vocabulary projection is never materialised.
-        model = from_pretrained(model_id, AutoModel, spec.backbone_dir, quiet_unexpected=True, config=config,
-                                dtype=torch_dtype(dtype))
-        self.model = model.to(device).eval()
         ids = [spec.true_id] + ([spec.false_id] if spec.false_id is not None else [])
-        self.logits = TokenLogits(model_id, spec.backbone_dir, config, self.model, ids, device)
-        self.num_parameters = sum(p.numel() for p in self.model.parameters()) + self.logits.untied_parameters
-        offset = packed_position_offset(config)
-        self._packable = offset is not None
-        self.position_offset = offset or 0
-        self.set_execution()
+        self.load_causal_lm(model_id, spec.backbone_dir, config, ids)
 
-    @property
-    def supports_packed(self) -> bool:
-        return self._packable  # base models verified to run packed (models/common.py)
-
-    def _attention_modules(self):
-        return [self.model]
-
-    def _score(self, hidden):
-        logits = self.logits(hidden)
+    def combine(self, logits):
         return logits[:, 0] - logits[:, 1] if logits.shape[1] == 2 else logits[:, 0]
-
-    def _forward_packed(self, inputs):
-        return self._score(last_hidden_packed(self.model, inputs))
-
-    def _forward_padded(self, input_ids, attention_mask, token_type_ids):
-        return self._score(last_hidden_padded(self.model, input_ids, attention_mask))
 
 
 FAMILY = Family(name=NAME, detect=_detect, load_encoder=load_encoder, scorer=StCausalScorer,

@@ -74,3 +74,50 @@ def build_st_causal(path: str | os.PathLike, *, variant: str = "flat", seed: int
     model.save(str(path))
     shutil.rmtree(base)
     return path
+
+
+def _bpe_tokenizer(extra_corpus: list[str], specials: list[str], **kw):
+    """Byte-level BPE trained on the test corpus plus a family's fixed texts (so its prompts stay short)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_models import CORPUS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS + extra_corpus * 20, trainers.BpeTrainer(
+        vocab_size=700, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+
+
+def build_mxbai(path: str | os.PathLike, *, seed: int = 21, extra_positions: int = 80, tied: bool = True) -> Path:
+    """mxbai-rerank-v2's layout: a plain Qwen2ForCausalLM with a Qwen2 (ChatML) tokenizer; the folder name is what
+    marks it (base-v2 ties its output weights, large-v2 does not). max_position_embeddings = the prompt's fixed
+    tokens + `extra_positions`, so the package's position-limit rule for the document cut is exercised."""
+    return _build_mxbai(path, seed=seed, extra_positions=extra_positions, tied=tied)
+
+
+def _build_mxbai(path, *, seed: int, extra_positions: int, tied: bool) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from models.mxbai import PREFIX, SEP, SUFFIX, TASK_PROMPT
+
+    path = Path(path)
+    tok = _bpe_tokenizer([PREFIX, SUFFIX, TASK_PROMPT, "query: document: instruction: 0 1"],
+                         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                         model_max_length=32768)
+    fixed = sum(len(tok.encode(t, add_special_tokens=False)) for t in (PREFIX, SEP, TASK_PROMPT, SUFFIX))
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=fixed + extra_positions,
+                      tie_word_embeddings=tied, initializer_range=INIT, bos_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    model = Qwen2ForCausalLM(cfg)
+    if not tied:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

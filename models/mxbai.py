@@ -1,0 +1,146 @@
+"""mixedbread-ai mxbai-rerank-v2 (base, large): a plain Qwen2ForCausalLM scored as the `mxbai-rerank` package's
+`MxbaiRerankV2` does, without its normalisation: raw = logit("1") - logit("0") at the last token.
+
+Input, assembled from separately tokenized pieces (no special tokens added):
+    prefix + query' + "\\n" + document' + "\\n" + task prompt + suffix
+query' = "query: {q}" (or "instruction: {i}\\nquery: {q}"), cut to 3/4 of the content length L; document' =
+"document: {d}", cut to min(L, positions - |query'| - |fixed pieces|); then "\\n" + document' is cut so that query'
++ "\\n" + document' fits L. L = max input length - |fixed pieces| (the package's max_length, default 8192).
+Cuts keep the start (Right) or the end (Left) of a piece, as the package's tokenizer `truncation_side` does.
+
+No sentence-transformers config names the model a reranker: it is recognised by its name (models/families.py).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .causal import CausalLMScorer, cut_texts, pad_token_id
+from .common import load_config, position_limit, resolve_max_length
+from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
+from .errors import InputTooLongError, ModelLoadError, PairRequiredError
+from .families import Family
+from .scoring import Scorer
+from .tokenization import load_tokenizer
+
+NAME = "mxbai"
+# MxbaiRerankV2's fixed texts (mxbai-rerank 0.1.6).
+SEP = "\n"
+PREFIX = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+          "<|im_start|>user\n")
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+TASK_PROMPT = ("You are a search relevance expert who evaluates how well documents match search queries. For each "
+               "query-document pair, carefully analyze the semantic relationship between them, then provide your "
+               "binary relevance judgment (0 for not relevant, 1 for relevant).\nRelevance:")
+DEFAULT_CONTENT_LENGTH = 8192  # the package's max_length default
+NAMES = re.compile(r"mxbai-rerank-[a-z0-9]+-v2")
+
+
+def _detect(files) -> bool:
+    return "Qwen2ForCausalLM" in files.architectures and any(NAMES.fullmatch(n) for n in files.names)
+
+
+def query_text(query: str, instruction: str | None) -> str:
+    text = f"query: {query}"
+    return f"instruction: {instruction}{SEP}{text}" if instruction else text
+
+
+def _cut(ids: list[int], n: int, direction: str) -> list[int]:
+    if len(ids) <= n:
+        return ids
+    return ids[:n] if direction == "right" else ids[len(ids) - n:]
+
+
+class MxbaiEncoder(Encoder):
+    accepts_single = False
+    accepts_instruction = True
+    default_instruction = None
+
+    def __init__(self, *, positions: int, **kw):
+        super().__init__(**kw)
+        self._full = backend_copy(self.tokenizer.backend_tokenizer, None)
+        piece = lambda text: self._full.encode(text, add_special_tokens=False).ids  # noqa: E731
+        self.prefix_ids, self.sep_ids = piece(PREFIX), piece(SEP)
+        self.tail_ids = self.sep_ids + piece(TASK_PROMPT) + piece(SUFFIX)
+        self.fixed = len(self.prefix_ids) + len(self.tail_ids)
+        self.content_length = self.max_length - self.fixed  # the package's max_length
+        self.positions = positions  # the package's model_max_length (max_position_embeddings)
+        if self.content_length < 4:
+            raise ModelLoadError(self.model_id, f"max_length {self.max_length} leaves no room for a query and a "
+                                                f"document after the prompt's {self.fixed} fixed tokens")
+
+    def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
+        direction = parse_direction(direction)
+        check_max_tokens_per_doc(max_tokens_per_doc)
+        if instruction is not None:
+            check_text(instruction, 0, "the instruction")
+        queries, docs = [], []
+        for i, (query, doc) in enumerate(items):
+            check_text(query, i, "the query")
+            if doc is None:
+                raise PairRequiredError(f"item {i}: model {self.model_id!r} scores (query, document) pairs only; "
+                                        "a single text cannot be scored", index=i)
+            check_text(doc, i, "the document")
+            queries.append(query_text(query, instruction))
+            docs.append(doc)
+        if max_tokens_per_doc is not None:
+            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
+        q_enc = self._full.encode_batch(queries, add_special_tokens=False)
+        d_enc = self._full.encode_batch([f"document: {d}" for d in docs], add_special_tokens=False)
+        length = self.content_length
+        ids = []
+        for i, (q, d) in enumerate(zip(q_enc, d_enc)):
+            q_ids = _cut(q.ids, length * 3 // 4, direction)
+            d_ids = _cut(d.ids, min(self.positions - len(q_ids) - self.fixed, length), direction)
+            second = self.sep_ids + d_ids
+            over = len(q_ids) + len(second) - length
+            if 0 < over < len(second):  # the package's "only_second" cut of the pair
+                second = second[:len(second) - over] if direction == "right" else second[over:]
+            cut = len(q_ids) < len(q.ids) or len(d_ids) < len(d.ids) or len(second) < len(self.sep_ids) + len(d_ids)
+            if cut and not truncate:
+                raise InputTooLongError(
+                    f"input {i} is longer than the model takes ({self.max_length} tokens with its prompt; the query "
+                    f"at most {length * 3 // 4}); shorten it or send truncate=true", index=i)
+            ids.append(self.prefix_ids + q_ids + second + self.tail_ids)
+        return flatten(ids)
+
+
+def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> MxbaiEncoder:
+    tok = load_tokenizer(model_id, model_dir, config)
+    positions = position_limit(config)
+    if positions is None:
+        raise ModelLoadError(model_id, "config.json has no max_position_embeddings", file="config.json")
+    fixed = sum(len(tok.encode(t, add_special_tokens=False)) for t in (PREFIX, SEP, TASK_PROMPT, SUFFIX))
+    limit = resolve_max_length(model_id, configured=max_length, file_configured=None, tokenizer_max=None,
+                               pos_limit=positions, default=DEFAULT_CONTENT_LENGTH + fixed)
+    return MxbaiEncoder(family=NAME, model_id=model_id, tokenizer=tok, max_length=limit, id2label={0: "LABEL_0"},
+                        positions=positions)
+
+
+def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = None) -> MxbaiEncoder:
+    return _encoder(model_id, model_dir, load_config(model_id, model_dir), max_length)
+
+
+def one_zero_ids(model_id: str, tokenizer) -> list[int]:
+    """The package's score tokens: the first token of "1" and of "0"."""
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in ("1", "0")]
+    if not all(ids):
+        raise ModelLoadError(model_id, "the tokenizer encodes '1' / '0' to nothing")
+    return [ids[0][0], ids[1][0]]
+
+
+class MxbaiScorer(CausalLMScorer, Scorer):
+    def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
+                 token_budget: int | None, execution: str = "auto"):
+        config = load_config(model_id, model_dir)
+        encoder = _encoder(model_id, model_dir, config, max_length)
+        super().__init__(family=NAME, model_id=model_id, encoder=encoder, dtype=dtype, device=device,
+                         token_budget=token_budget, pad_id=pad_token_id(encoder.tokenizer, config), execution=execution)
+        self.load_causal_lm(model_id, model_dir, config, one_zero_ids(model_id, encoder.tokenizer))
+
+    def combine(self, logits):
+        return logits[:, 0] - logits[:, 1]  # logit("1") - logit("0")
+
+
+FAMILY = Family(name=NAME, detect=_detect, load_encoder=load_encoder, scorer=MxbaiScorer,
+                supports="mxbai-rerank-v2 (Qwen2ForCausalLM named mxbai-rerank-*-v2)")
