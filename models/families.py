@@ -21,6 +21,7 @@ _MODULES = {
     "seq_cls": "seq_cls",  # config.json: *ForSequenceClassification
     "qwen3": "qwen3",  # config.json: Qwen3ForCausalLM (the official Qwen3-Reranker layout)
     "mxbai": "mxbai",  # Qwen2ForCausalLM named mxbai-rerank-*-v2 (Hub id, folder, Hub cache folder)
+    "bge_gemma": "bge_gemma",  # GemmaForCausalLM named bge-reranker-v2-gemma
 }
 FAMILIES: tuple[str, ...] = tuple(_MODULES)
 

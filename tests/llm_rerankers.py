@@ -121,3 +121,44 @@ def _build_mxbai(path, *, seed: int, extra_positions: int, tied: bool) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def _gemma_tokenizer(extra_corpus: list[str]):
+    """A GemmaTokenizer (BPE with byte fallback, spaces as ▁, BOS added) over a vocabulary trained here."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    from tests.tiny_models import CORPUS
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.train_from_iterator(CORPUS + extra_corpus * 20, trainers.BpeTrainer(vocab_size=900, special_tokens=specials))
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return GemmaTokenizer(vocab=model["vocab"], merges=merges)
+
+
+def build_bge_gemma(path: str | os.PathLike, *, seed: int = 31, positions: int = 1024, tied: bool = True) -> Path:
+    """bge-reranker-v2-gemma's layout: a plain GemmaForCausalLM (multi-query attention) and a Gemma tokenizer; the
+    folder name is what marks it."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from models.bge_gemma import DEFAULT_PROMPT
+
+    path = Path(path)
+    tok = _gemma_tokenizer([DEFAULT_PROMPT, "A: B: Yes No"])
+    torch.manual_seed(seed)
+    cfg = GemmaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=positions,
+                      tie_word_embeddings=tied, initializer_range=INIT, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = GemmaForCausalLM(cfg)
+    if not tied:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,151 @@
+"""BAAI/bge-reranker-v2-gemma: a plain GemmaForCausalLM scored as FlagEmbedding's `FlagLLMReranker` does with
+normalize=False: raw = logit("Yes") at the last token.
+
+Input, from separately tokenized pieces (no special tokens added by the tokenizer):
+    [bos] + "A: {query}" + "\\n" + "B: {passage}" + "\\n" + prompt
+"A: {query}" is cut to 3/4 of the passage length L and "B: {passage}" to L; then "\\n" + "B: ..." is cut so the
+part before the last "\\n" fits L + |"\\n"| + |prompt|. L is FlagEmbedding's `max_length` (512 by default); our
+max input length counts the whole input with the default prompt: L + 2 × (|"\\n"| + |default prompt|).
+Cuts keep the start (Right) or the end (Left) of a piece, as the tokenizer's `truncation_side` does.
+A request's `instruction` replaces the prompt (FlagEmbedding's `prompt`).
+
+No sentence-transformers config names the model a reranker: it is recognised by its name (models/families.py).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .causal import CausalLMScorer, cut_texts, pad_token_id
+from .common import load_config, position_limit, resolve_max_length
+from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
+from .errors import InputTooLongError, ModelLoadError, PairRequiredError
+from .families import Family
+from .scoring import Scorer
+from .tokenization import load_tokenizer
+
+NAME = "bge_gemma"
+SEP = "\n"
+DEFAULT_PROMPT = ("Given a query A and a passage B, determine whether the passage contains an answer to the query by "
+                  "providing a prediction of either 'Yes' or 'No'.")
+QUERY_FORMAT, PASSAGE_FORMAT = "A: {}", "B: {}"
+DEFAULT_PASSAGE_LENGTH = 512  # FlagLLMReranker's max_length default
+NAMES = re.compile(r"bge-reranker-v2-gemma")
+
+
+def _detect(files) -> bool:
+    return "GemmaForCausalLM" in files.architectures and any(NAMES.fullmatch(n) for n in files.names)
+
+
+def _cut(ids: list[int], n: int, direction: str) -> list[int]:
+    if len(ids) <= n:
+        return ids
+    return ids[:n] if direction == "right" else ids[len(ids) - n:]
+
+
+def _overhead(tokenizer, prompt: str) -> int:
+    return 2 * (len(tokenizer.encode(SEP, add_special_tokens=False))
+                + len(tokenizer.encode(prompt, add_special_tokens=False)))
+
+
+class BgeGemmaEncoder(Encoder):
+    accepts_single = False
+    accepts_instruction = True
+    default_instruction = DEFAULT_PROMPT
+
+    def __init__(self, *, positions: int | None, **kw):
+        super().__init__(**kw)
+        tok = self.tokenizer
+        self._full = backend_copy(tok.backend_tokenizer, None)
+        self.sep_ids = self._piece(SEP)
+        self._prompts = {DEFAULT_PROMPT: self._piece(DEFAULT_PROMPT)}
+        self.passage_length = self.max_length - 2 * (len(self.sep_ids) + len(self._prompts[DEFAULT_PROMPT]))
+        if self.passage_length < 4:
+            raise ModelLoadError(self.model_id, f"max_length {self.max_length} leaves no room for a query and a "
+                                                "passage next to the prompt")
+        # FlagEmbedding prepends BOS by hand when the tokenizer has one distinct from padding.
+        bos, pad = tok.bos_token_id, tok.pad_token_id
+        self.bos = [bos] if bos is not None and bos != pad else []
+        self.positions = positions
+
+    def _piece(self, text: str) -> list[int]:
+        return self._full.encode(text, add_special_tokens=False).ids
+
+    def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
+        direction = parse_direction(direction)
+        check_max_tokens_per_doc(max_tokens_per_doc)
+        if instruction is not None:
+            check_text(instruction, 0, "the instruction")
+        prompt = DEFAULT_PROMPT if instruction is None else instruction
+        if prompt not in self._prompts:
+            self._prompts = {DEFAULT_PROMPT: self._prompts[DEFAULT_PROMPT], prompt: self._piece(prompt)}
+        prompt_ids = self._prompts[prompt]
+        queries, docs = [], []
+        for i, (query, doc) in enumerate(items):
+            check_text(query, i, "the query")
+            if doc is None:
+                raise PairRequiredError(f"item {i}: model {self.model_id!r} scores (query, document) pairs only; "
+                                        "a single text cannot be scored", index=i)
+            check_text(doc, i, "the document")
+            queries.append(QUERY_FORMAT.format(query))
+            docs.append(doc)
+        if max_tokens_per_doc is not None:
+            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
+        q_enc = self._full.encode_batch(queries, add_special_tokens=False)
+        d_enc = self._full.encode_batch([PASSAGE_FORMAT.format(d) for d in docs], add_special_tokens=False)
+        length = self.passage_length
+        budget = length + len(self.sep_ids) + len(prompt_ids)  # FlagEmbedding's encode_max_length
+        tail = self.sep_ids + prompt_ids
+        ids = []
+        for i, (q, d) in enumerate(zip(q_enc, d_enc)):
+            first = self.bos + _cut(q.ids, length * 3 // 4, direction)
+            d_ids = _cut(d.ids, length, direction)
+            second = self.sep_ids + d_ids
+            over = len(first) + len(second) - budget
+            if 0 < over < len(second):  # the "only_second" cut of the pair
+                second = second[:len(second) - over] if direction == "right" else second[over:]
+            row = first + second + tail
+            cut = len(first) - len(self.bos) < len(q.ids) or len(d_ids) < len(d.ids) \
+                or len(second) < len(self.sep_ids) + len(d_ids)
+            if cut and not truncate:
+                raise InputTooLongError(
+                    f"input {i} is longer than the model takes (passage {length} tokens, query {length * 3 // 4}); "
+                    "shorten it or send truncate=true", index=i)
+            if self.positions is not None and len(row) > self.positions:
+                raise InputTooLongError(f"input {i} has {len(row)} tokens with its instruction, more than the "
+                                        f"model's {self.positions} positions; shorten the instruction", index=i)
+            ids.append(row)
+        return flatten(ids)
+
+
+def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> BgeGemmaEncoder:
+    tok = load_tokenizer(model_id, model_dir, config)
+    limit = resolve_max_length(model_id, configured=max_length, file_configured=None, tokenizer_max=None,
+                               pos_limit=position_limit(config),
+                               default=DEFAULT_PASSAGE_LENGTH + _overhead(tok, DEFAULT_PROMPT))
+    return BgeGemmaEncoder(family=NAME, model_id=model_id, tokenizer=tok, max_length=limit, id2label={0: "LABEL_0"},
+                           positions=position_limit(config))
+
+
+def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = None) -> BgeGemmaEncoder:
+    return _encoder(model_id, model_dir, load_config(model_id, model_dir), max_length)
+
+
+class BgeGemmaScorer(CausalLMScorer, Scorer):
+    def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
+                 token_budget: int | None, execution: str = "auto"):
+        config = load_config(model_id, model_dir)
+        encoder = _encoder(model_id, model_dir, config, max_length)
+        super().__init__(family=NAME, model_id=model_id, encoder=encoder, dtype=dtype, device=device,
+                         token_budget=token_budget, pad_id=pad_token_id(encoder.tokenizer, config), execution=execution)
+        yes = encoder.tokenizer.encode("Yes", add_special_tokens=False)
+        if not yes:
+            raise ModelLoadError(model_id, "the tokenizer encodes 'Yes' to nothing")
+        self.load_causal_lm(model_id, model_dir, config, [yes[0]])  # FlagEmbedding's yes_loc: the first token
+
+    def combine(self, logits):
+        return logits[:, 0]
+
+
+FAMILY = Family(name=NAME, detect=_detect, load_encoder=load_encoder, scorer=BgeGemmaScorer,
+                supports="bge-reranker-v2-gemma (GemmaForCausalLM named bge-reranker-v2-gemma)")
