@@ -1,0 +1,82 @@
+"""End to end over real HTTP: the causal-LM families (a Sentence Transformers causal CrossEncoder, mxbai-rerank-v2,
+bge-reranker-v2-gemma) served in one application next to a modular cross-encoder, each detected with
+`family: auto`, scored to its own reference (run here), instructions reaching the models that take one and a 422
+for the one that does not."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import requests
+
+from tests.llm_rerankers import build_bge_gemma, build_mxbai, build_st_causal
+from tests.tiny_models import DOCS, QUERIES
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-5
+FAMILY_OF = {"st": "st_causal", "mxbai": "mxbai", "gemma": "bge_gemma", "modular": "modular"}
+
+
+@pytest.fixture(scope="module")
+def llm_app(serve_url, tiny, tmp_path_factory):
+    from ray import serve
+
+    from tests.serve_helpers import run_app
+
+    root = tmp_path_factory.mktemp("llm-e2e")
+    dirs = {"st": build_st_causal(root / "st", variant="structured"),
+            "mxbai": build_mxbai(root / "mxbai-rerank-base-v2"),
+            "gemma": build_bge_gemma(root / "bge-reranker-v2-gemma"),
+            "modular": tiny["modular"]}
+    run_app({"models": [{"name": n, "model_id": str(p), "num_cpus": 0.25} for n, p in dirs.items()],
+             "api_key": None}, name="llm", route_prefix="/llm")
+    yield serve_url + "/llm", dirs
+    serve.delete("llm")
+
+
+def reference(name: str, path, pairs, instruction=None) -> np.ndarray:
+    if name == "st":
+        from tests.models.test_st_causal import reference as st_ref
+        return st_ref(path, pairs, prompt=instruction)[0]
+    if name == "mxbai":
+        from tests.models.test_mxbai import reference as mx_ref
+        return mx_ref(path, pairs, instruction=instruction, max_length=8192)[0]
+    from tests.models.test_bge_gemma import reference as bge_ref
+    return bge_ref(path, pairs, prompt=instruction)[0]
+
+
+@pytest.mark.parametrize("name", ["st", "mxbai", "gemma"])
+@pytest.mark.parametrize("instruction", [None, "find the capital city"])
+def test_llm_families_match_their_references(llm_app, name, instruction):
+    url, dirs = llm_app
+    query = QUERIES[0]
+    body = {"query": query, "texts": DOCS, "model": name, "raw_scores": True}
+    if instruction is not None:
+        body["instruction"] = instruction
+    r = requests.post(url + "/rerank", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["score"] for x in r.json()}
+    raw = reference(name, dirs[name], [(query, d) for d in DOCS], instruction)
+    assert got == pytest.approx(dict(enumerate(raw)), abs=TOL)
+
+
+def test_info_names_every_family_and_instruction_support(llm_app):
+    url, _ = llm_app
+    models = {m["name"]: m for m in requests.get(url + "/info", timeout=30).json()["models"]}
+    assert {n: m["family"] for n, m in models.items()} == FAMILY_OF
+    assert {n: m["accepts_instruction"] for n, m in models.items()} == \
+        {"st": True, "mxbai": True, "gemma": True, "modular": False}
+
+
+def test_instruction_for_a_model_without_one_is_a_422(llm_app):
+    url, _ = llm_app
+    r = requests.post(url + "/rerank", json={"query": "q", "texts": ["d"], "model": "modular",
+                                             "instruction": "judge"}, timeout=60)
+    assert r.status_code == 422, r.text
+    assert r.json()["error_type"] == "Validation"
+
+
+def test_single_text_to_a_causal_lm_is_a_422(llm_app):
+    url, _ = llm_app
+    r = requests.post(url + "/predict", json={"inputs": "just one text", "model": "gemma"}, timeout=60)
+    assert r.status_code == 422, r.text
