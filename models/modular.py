@@ -19,8 +19,8 @@ from .encoding import PairEncoder
 from .errors import ModelLoadError
 from .families import Family
 from .modernbert import cls_only_last_layer
-from .scoring import Scorer
 from .pooling import LEGACY_POOLING_FLAGS, PACKED_POOLING_MODES, POOLING_MODES, pool, pool_packed
+from .scoring import Scorer
 from .tokenization import load_tokenizer, pad_id_of, pair_encoder
 
 # Current (`sentence_transformers.base.modules.transformer.Transformer`, `...sentence_transformer.modules.

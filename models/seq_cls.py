@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .common import from_pretrained, load_config, packed_position_offset, torch_dtype
 from .encoding import PairEncoder
-from .errors import ModelLoadError
 from .families import Family
 from .modernbert import cls_only_last_layer
 from .pooling import pool_packed
