@@ -49,7 +49,10 @@ def build_st_causal(path: str | os.PathLike, *, variant: str = "flat", seed: int
     flat: tied Qwen3, yes/no tokens, the template's own default instruction, max length 96.
     structured: untied Qwen3, only a true token (false_token_id null), a saved default prompt, a template
     variable from processing_kwargs, max length 80.
+    gemma2: a Gemma2 backbone (final logit soft-capping) with a Gemma tokenizer, first tokens of "yes" / "no".
     """
+    if variant == "gemma2":
+        return _build_st_causal_gemma2(Path(path), seed)
     from sentence_transformers import CrossEncoder
     from sentence_transformers.base.modules import Transformer
     from sentence_transformers.cross_encoder.modules import LogitScore
@@ -161,4 +164,28 @@ def build_bge_gemma(path: str | os.PathLike, *, seed: int = 31, positions: int =
             model.lm_head.weight.normal_(0, 0.5)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+def _build_st_causal_gemma2(path: Path, seed: int) -> Path:
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.cross_encoder.modules import LogitScore
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tok = _gemma_tokenizer([FLAT_TEMPLATE, "yes no"])
+    tok.chat_template = FLAT_TEMPLATE
+    torch.manual_seed(seed)
+    # A soft cap small enough that the tiny model's logits reach it: the score must apply it as the lm_head does.
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                       initializer_range=INIT, final_logit_softcapping=1.5, attn_logit_softcapping=None,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    base = path.parent / (path.name + "_base")
+    Gemma2ForCausalLM(cfg).save_pretrained(base)
+    tok.save_pretrained(base)
+    yes, no = (tok.encode(t, add_special_tokens=False)[0] for t in ("yes", "no"))
+    transformer = Transformer(str(base), transformer_task="text-generation", max_seq_length=64)
+    CrossEncoder(modules=[transformer, LogitScore(true_token_id=yes, false_token_id=no)]).save(str(path))
+    shutil.rmtree(base)
     return path

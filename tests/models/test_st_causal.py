@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored when `pa
 
 TOL = 1e-5
 PAIRS = [(q, d) for q in QUERIES for d in DOCS] + [("berlin population " * 30, "berlin")]  # a query-heavy cut too
-VARIANTS = ("flat", "structured")
+VARIANTS = ("flat", "structured", "gemma2")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_detected_from_modules_json(st_dirs):
     assert (load_encoder(str(st_dirs["flat"])).max_length, enc.max_length) == (96, 80)
 
 
-@pytest.mark.parametrize("name", ["flat", "structured", "no_restore"])
+@pytest.mark.parametrize("name", ["flat", "structured", "no_restore", "gemma2"])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("instruction", [None, "judge", ""])
 def test_matches_sentence_transformers(st_dirs, st_scorers, name, side, instruction):
