@@ -156,6 +156,15 @@ def _run(cmd: list[str], timeout_s: float, *, capture: bool = False) -> dict:
     return result
 
 
+def _finish(r: dict) -> dict:
+    """Echo a stage's captured output; keep its tail in the JSON when the stage did not succeed."""
+    output = r.pop("output")
+    print(output[-8000:], flush=True)
+    if r["status"] != "ok":
+        r["output_tail"] = output[-6000:]
+    return r
+
+
 def _pytest_counts(text: str) -> dict:
     tail = "\n".join(text.strip().splitlines()[-3:])
     return {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)",
@@ -184,7 +193,7 @@ def stage_in_child(name: str, args, limit: float) -> dict:
                "--result", str(result_file)]
         if args.variants:
             cmd += ["--variants", ",".join(args.variants)]
-        r = _run(cmd, limit)
+        r = _finish(_run(cmd, limit, capture=True))
         if result_file.exists():
             r["result"] = json.loads(result_file.read_text())
     if r["status"] == "ok" and r.get("result", {}).get("failed"):
@@ -204,7 +213,7 @@ def stage_harness(model: str, args, limit: float) -> dict:
         http = all(importlib.util.find_spec(m) is not None for m in ("ray", "httpx", "fastapi"))
         if args.skip_http or not http:
             cmd += ["--skip-http"]
-        r = _run(cmd, limit)
+        r = _finish(_run(cmd, limit, capture=True))
         r["http"] = not (args.skip_http or not http)
         if out.exists():
             r["report"] = json.loads(out.read_text())
