@@ -18,6 +18,7 @@ from ray import serve
 
 from autoscaling import WorkTracker
 from models.encoded import EncodedBatch
+from models.errors import InputError
 from serve_app.settings import ModelSettings
 
 logger = logging.getLogger("ray.serve")
@@ -110,11 +111,16 @@ class ModelReplica:
         self.scorer = load_scorer(model.model_id, revision=model.revision, family=model.family,
                                   dtype=model.dtype, device=device, max_length=model.max_length,
                                   token=hf_token, token_budget=model.token_budget)
+        # Fail the deploy now, with the model and the cause, if no forward can run (a kernel the installed torch
+        # lacks, a dtype the device refuses): on the forward thread, as every request will run.
+        warm = self._executor.submit(self.scorer.warmup)
         self.load_time_s = time.perf_counter() - start
+        warm.result()
         self.token_budget = int(self.scorer.token_budget)
-        logger.info("loaded model %r (%s, %s on %s, %s parameters) in %.2fs; token budget %d", model.name,
-                    self.scorer.family, _dtype_name(self.scorer.dtype), self.scorer.device,
-                    f"{self.scorer.num_parameters:,}", self.load_time_s, self.token_budget)
+        logger.info("loaded model %r (%s, %s on %s, %s execution, %s parameters) in %.2fs, warmed up in %.2fs; "
+                    "token budget %d", model.name, self.scorer.family, _dtype_name(self.scorer.dtype),
+                    self.scorer.device, getattr(self.scorer, "execution", "?"), f"{self.scorer.num_parameters:,}",
+                    self.load_time_s, time.perf_counter() - start - self.load_time_s, self.token_budget)
         logger.addFilter(_TokenBudgetWarningFilter())
         self._score_batched.set_max_batch_size(self.token_budget)
         self._score_batched.set_batch_wait_timeout_s(model.max_batch_wait_s)
@@ -187,14 +193,34 @@ class ModelReplica:
         try:
             raw = np.asarray(self.scorer.score(batch), dtype=np.float32)
         except Exception as exc:
-            if any(marker in str(exc) for marker in _FATAL_MARKERS):
-                self._fatal = f"{type(exc).__name__}: {exc}"
+            if self._fatal is None:
+                self._fatal = self._broken_by(exc)
             raise
         if raw.shape != (len(batch),):
             raise RuntimeError(f"scorer returned {raw.shape} scores for {len(batch)} sequences")
         self.metrics.pairs.inc(len(batch))
         self.metrics.tokens.inc(batch.num_tokens)
         return raw
+
+    def _broken_by(self, exc: Exception) -> str | None:
+        """Why a failed forward means this replica is broken (it then reports unhealthy and Ray replaces it),
+        or None when the failure may be the request's own.
+
+        Device errors are fatal at once. Any other error that is not bad input re-runs the warm-up batch as a
+        probe (on this forward thread): if that fails too, no request can succeed here."""
+        cause = f"{type(exc).__name__}: {exc}"
+        if any(marker in str(exc) for marker in _FATAL_MARKERS):
+            return f"model {self.settings.name!r} hit a fatal device error: {cause}"
+        if isinstance(exc, InputError):
+            return None
+        try:
+            self.scorer.warmup()
+        except Exception as probe:  # noqa: BLE001 - any failure of the probe batch means the replica is broken
+            logger.error("model %r: a forward failed (%s) and the warm-up probe failed too (%s); reporting "
+                         "unhealthy", self.settings.name, cause, probe)
+            return f"model {self.settings.name!r} cannot score the warm-up batch any more: {probe} " \
+                   f"(first failure: {cause})"
+        return None
 
     def describe(self) -> dict[str, Any]:
         """What /info reports about the loaded model."""
@@ -206,7 +232,7 @@ class ModelReplica:
     def check_health(self) -> None:
         """Called by Ray Serve periodically; raising makes it replace this replica."""
         if self._fatal is not None:
-            raise RuntimeError(f"model {self.settings.name!r} hit a fatal device error: {self._fatal}")
+            raise RuntimeError(self._fatal)
 
 
 def _set_torch_threads(threads: int | None) -> None:

@@ -7,8 +7,11 @@ shape (7 layers), fp32 CPU: 1.18x the scorer's pairs/s.
 Same math as transformers' `ModernBertEncoderLayer`, on fewer rows; the parity tests hold it to the
 reference within 1e-5.
 
-Padded input with SDPA only (the CPU default). Packed input, and any other attention implementation,
-run the wrapped layer unchanged.
+Padded input with SDPA (the CPU default): the layer's output is [N, 1, H]. Packed input (attention "packed",
+the CUDA default) when the last layer is global (ettin-17m and -150m: every third layer, the last included):
+one query row per sequence against all its keys through `attention.varlen_attention` (cu_seq_lens_q =
+0..N, cu_seq_lens_k = the sequences' boundaries); the output stays [1, T, H] with the new CLS rows written in
+place (other rows keep the layer's input: nothing reads them). Any other case runs the wrapped layer unchanged.
 """
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ class ClsRowLastLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
         attn = self.layer.attn
+        from . import attention
+
+        if "cu_seq_lens_q" in kwargs and attn.config._attn_implementation == attention.PACKED \
+                and attn.sliding_window is None and attention_mask is None and hidden_states.dim() == 3 \
+                and hidden_states.shape[0] == 1:
+            return self._packed_cls_rows(hidden_states, position_embeddings, kwargs)
         if "cu_seq_lens_q" in kwargs or attn.config._attn_implementation != "sdpa" or hidden_states.dim() != 3:
             return self.layer(hidden_states, attention_mask=attention_mask,
                               position_embeddings=position_embeddings, **kwargs)
@@ -49,11 +58,39 @@ class ClsRowLastLayer(nn.Module):
         hidden = hidden_states[:, :1] + attn.out_drop(attn.Wo(out.transpose(1, 2).reshape(n, 1, -1)))
         return hidden + self.layer.mlp(self.layer.mlp_norm(hidden))
 
+    def _packed_cls_rows(self, hidden_states: torch.Tensor, position_embeddings, kwargs: dict) -> torch.Tensor:
+        """[1, T, H] packed input of a global layer: the layer at each sequence's first row only."""
+        from transformers.models.modernbert.modeling_modernbert import rotate_half
+
+        from .attention import varlen_attention
+
+        attn = self.layer.attn
+        cu = kwargs["cu_seq_lens_q"]
+        max_k = kwargs.get("max_length_q")
+        first = cu[:-1].long()  # the CLS row of every sequence
+        n, t = first.shape[0], hidden_states.shape[1]
+        qkv = attn.Wqkv(self.layer.attn_norm(hidden_states[0])).view(t, 3, -1, attn.head_dim)
+        q, k, v = qkv[first, 0], qkv[:, 1], qkv[:, 2]  # q [N, heads, D]; k, v [T, heads, D]
+        cos, sin = (x[0].unsqueeze(1) for x in position_embeddings)  # [T, 1, D]
+
+        def rotate(x: torch.Tensor, c: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
+            # as transformers' apply_rotary_pos_emb: in fp32, then back to the input dtype
+            return (x.float() * c + rotate_half(x.float()) * s_).to(x.dtype)
+
+        q, k = rotate(q, cos[first], sin[first]), rotate(k, cos, sin)
+        cu_q = torch.arange(n + 1, dtype=torch.int32, device=cu.device)  # one query per sequence
+        out = varlen_attention(q, k, v, cu_q, 1, cu.to(torch.int32), None if max_k is None else int(max_k),
+                               scale=attn.head_dim ** -0.5)
+        rows = hidden_states[0, first] + attn.out_drop(attn.Wo(out.reshape(n, -1)))
+        rows = rows + self.layer.mlp(self.layer.mlp_norm(rows))
+        return hidden_states.index_copy(1, first, rows.unsqueeze(0))
+
 
 def cls_only_last_layer(model: nn.Module) -> bool:
     """Compute a ModernBertModel's last layer at the CLS row only (its output becomes [N, 1, H]).
 
-    Only for callers that read nothing but `last_hidden_state[:, 0]`. True when installed (or already there).
+    Only for callers that read nothing but `last_hidden_state[:, 0]` (padded) or each sequence's first row
+    (packed). True when installed (or already there).
     """
     from transformers import ModernBertModel
 

@@ -187,6 +187,32 @@ class Scorer:
         """Raw scores, shape (N,), of packed inputs (models.packing.PackedInputs, on the device)."""
         raise NotImplementedError
 
+    # Past ModernBERT's 128-token local window (ettin), so sliding layers run on the warm-up batch too.
+    WARMUP_PAIRS = (("warm-up query", "a short warm-up passage"),
+                    ("warm-up query", " ".join(["the quick brown fox jumps over the lazy dog"] * 20)))
+
+    def warmup(self) -> np.ndarray:
+        """Score a tiny batch on the device, in the configured dtype and execution, and return its raw scores.
+
+        A kernel or dtype that cannot run fails here, at load time, as a ModelLoadError naming the model and
+        the cause, instead of in every request. Replicas also re-run it as a probe when a request fails for a
+        reason that is not the request's: if the probe fails too, the model is broken, not the request."""
+        try:
+            raw = np.asarray(self.score(self.encoder.encode(list(self.WARMUP_PAIRS))), dtype=np.float32)
+        except Exception as exc:
+            raise ModelLoadError(self.model_id, f"warm-up forward failed ({self.execution} execution, "
+                                                f"{_name(self.dtype)} on {self.device}): "
+                                                f"{type(exc).__name__}: {exc}") from exc
+        if raw.shape != (len(self.WARMUP_PAIRS),) or not np.isfinite(raw).all():
+            raise ModelLoadError(self.model_id, f"warm-up forward ({self.execution} execution, {_name(self.dtype)} "
+                                                f"on {self.device}) gave scores {raw.tolist()}, not "
+                                                f"{len(self.WARMUP_PAIRS)} finite numbers")
+        return raw
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.model_id!r}, family={self.family!r}, dtype={self.dtype}, "
                 f"device={self.device}, max_length={self.max_length}, execution={self.execution})")
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -122,3 +122,23 @@ def test_a_model_that_cannot_load_fails_the_deploy_with_its_name(serve_url, tiny
         assert elapsed < 120
     finally:
         serve.delete("broken")
+
+
+def test_a_model_that_loads_but_cannot_run_fails_the_deploy_at_warm_up(serve_url, tiny, tmp_path):
+    """Weights and config agree, but no forward can run (issue 9: a kernel the installed torch lacks): the
+    replica's warm-up forward fails the deploy with the model and the cause, instead of a healthy deployment
+    that answers 500 to every request."""
+    from ray import serve
+
+    from tests.deployments.test_model_unit import unrunnable_copy
+
+    model_dir = unrunnable_copy(tiny["bert"], tmp_path / "unrunnable-bert")
+    with pytest.raises(Exception) as e:
+        run_app({"models": [{"name": "unrunnable", "model_id": str(model_dir), "num_cpus": 0.25}],
+                 "api_key": None}, name="unrunnable", route_prefix="/unrunnable")
+    try:
+        assert "model-unrunnable" in str(e.value)
+        message = serve.status().applications["unrunnable"].deployments["model-unrunnable"].message
+        assert "warm-up forward failed" in message and str(model_dir) in message and "IndexError" in message
+    finally:
+        serve.delete("unrunnable")

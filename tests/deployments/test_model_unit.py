@@ -81,6 +81,9 @@ class FakeScorer:
             raise RuntimeError("kernel failed on this input")
         return np.array(firsts, dtype=np.float32)
 
+    def warmup(self) -> np.ndarray:  # as models.scoring.Scorer.warmup: a tiny batch of its own
+        return self.score(batch_of([2, 3], start_id=1000))
+
 
 class _NoMetric:
     def observe(self, *_):
@@ -140,3 +143,75 @@ def test_scorer_returning_wrong_count_is_an_error():
             return super().score(batch)[:-1]
     out = run_batch(replica(Short()), [Work(batch_of([1, 1]), 0.0)])
     assert isinstance(out[0], RuntimeError)
+
+
+# --- fail fast: the warm-up at load, the probe after an unexplained failure -------------------------------------
+
+def unrunnable_copy(model_dir, dest):
+    """A copy of a tiny BERT that loads (config and weights agree) but cannot run: its vocabulary was cut to 5
+    rows, so the tokenizer's ids index past the embedding table in every forward."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    dest = Path(shutil.copytree(model_dir, dest))
+    weights = load_file(dest / "model.safetensors")
+    name = next(n for n in weights if n.endswith("word_embeddings.weight"))
+    weights[name] = weights[name][:5].clone()
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dest / "config.json").read_text())
+    config["vocab_size"] = 5
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_the_constructor_warms_up_and_a_model_that_cannot_run_fails_with_its_name_and_cause(tmp_path):
+    from models.errors import ModelLoadError
+    from tests.tiny_models import build_bert_seq_cls
+
+    good = build_bert_seq_cls(tmp_path / "bert")
+    r = ModelReplica(ModelSettings(name="good", model_id=str(good), num_cpus=1))
+    r.check_health()
+    bad = unrunnable_copy(good, tmp_path / "bad-bert")
+    with pytest.raises(ModelLoadError) as e:
+        ModelReplica(ModelSettings(name="bad", model_id=str(bad), num_cpus=1))
+    assert str(bad) in str(e.value) and "warm-up forward failed" in str(e.value)
+    assert "IndexError" in str(e.value) and "float32 on cpu" in str(e.value)
+
+
+def test_a_replica_that_cannot_score_anything_reports_unhealthy():
+    """The GPU failure of issue 9: every forward raised TypeError, and the replica stayed healthy for ever."""
+    class Broken(FakeScorer):
+        def score(self, batch):
+            self.calls.append(len(batch))
+            raise TypeError("varlen_attn() got an unexpected keyword argument 'enable_gqa'")
+    r = replica(Broken())
+    out = run_batch(r, [Work(batch_of([1, 2]), 0.0)])
+    assert isinstance(out[0], TypeError)
+    assert r.scorer.calls == [2, 2]  # the request, then the warm-up probe
+    with pytest.raises(RuntimeError, match="cannot score the warm-up batch any more.*enable_gqa"):
+        r.check_health()
+
+
+def test_a_failure_of_one_request_keeps_the_replica_healthy():
+    r = replica(FakeScorer(poison={20}))
+    out = run_batch(r, [Work(batch_of([1], start_id=20), 0.0)])
+    assert isinstance(out[0], RuntimeError)
+    assert r.scorer.calls == [1, 2]  # the request, then the probe, which passed
+    r.check_health()
+    assert run_batch(r, [Work(batch_of([1], start_id=30), 0.0)])[0].tolist() == [30]
+
+
+def test_bad_input_runs_no_probe():
+    from models.errors import InputError
+
+    class Picky(FakeScorer):
+        def score(self, batch):
+            self.calls.append(len(batch))
+            raise InputError("text too long")
+    r = replica(Picky())
+    assert isinstance(run_batch(r, [Work(batch_of([1]), 0.0)])[0], InputError)
+    assert r.scorer.calls == [1]
+    r.check_health()

@@ -162,8 +162,13 @@ def test_packed_forward_never_builds_a_full_mask(scorers, monkeypatch, variant):
     assert seen
     assert all(q <= longest and k <= longest for q, k, _ in seen)
     assert all(mask is None or max(mask[-2:]) <= longest for _, _, mask in seen)
-    # every token went through attention, pair by pair: T query rows per layer
-    assert sum(q for q, _, _ in seen) == _model(scorer).config.num_hidden_layers * total
+    # every token went through attention, pair by pair: T query rows per layer; a CLS-row last layer
+    # (models/modernbert.py) has one query row per pair
+    from models.modernbert import ClsRowLastLayer
+    layers = _model(scorer).config.num_hidden_layers
+    cls_row = isinstance(getattr(_model(scorer), "layers", [None])[-1], ClsRowLastLayer)
+    expected = (layers - 1) * total + len(batch) if cls_row else layers * total
+    assert sum(q for q, _, _ in seen) == expected
 
 
 # --- CUDA only: skipped (not passing) without a GPU ------------------------------------------------------------
