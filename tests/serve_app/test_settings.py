@@ -75,6 +75,9 @@ def test_secrets_come_from_the_environment(monkeypatch):
     ({"models": [{"name": "bad name!", "model_id": "x/a"}]}, "name"),
     ({"models": [{"name": "a"}]}, "model_id"),
     ({"max_candidates": 0}, "max_candidates"),
+    ({"models": [{"model_id": "x/a", "long_documents": "bogus"}]}, "long_documents"),
+    ({"models": [{"model_id": "x/a", "chunk_overlap": -1}]}, "chunk_overlap"),
+    ({"models": [{"model_id": "x/a", "max_chunks": 0}]}, "max_chunks"),
     ({"unknown_top_level": True}, "unknown_top_level"),
 ])
 def test_bad_settings_are_rejected_with_a_message(raw, fragment):
