@@ -154,7 +154,7 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
             ids, types = windows[i]
             all_ids.extend(ids)
             if all_types is not None:
-                all_types.extend(types)
+                all_types.extend(types if types is not None else [[0] * len(x) for x in ids])
         else:
             ids = [plain.sequence(i)]
             all_ids.extend(ids)
