@@ -514,3 +514,10 @@ def test_chunk_for_a_family_without_windows():
     client = TestClient(create_http_app(service), raise_server_exceptions=False)
     assert "windows" in error_of(client.post("/rerank", json={"query": "q", "texts": ["a"],
                                                                 "long_documents": "chunk"}), 422, "Validation")
+
+
+@pytest.mark.parametrize("field, value", [("chunk_overlap", 8), ("max_chunks", 2)])
+def test_a_request_may_pass_long_documents_only(field, value):
+    client, _ = make_long()
+    body = {"query": "q", "texts": ["a"], "long_documents": "chunk", field: value}
+    assert field in error_of(client.post("/rerank", json=body), 422, "Validation")
