@@ -68,7 +68,10 @@ class Encoder:
         special tokens), so that `before + window + after` is exactly the input a document of the window's tokens
         would get. Pair templates return the post-processor's tokens around the second sequence (PairEncoder);
         prompt/chat templates return the rendered prompt up to the document and from it on (Qwen3Encoder).
-    A family that does not override `document_slot` cannot chunk (`supports_windows` is False).
+    A family that does not override `document_slot` cannot chunk (`supports_windows` is False). A family whose
+    `before + (the document's own tokens) + after` is exactly its untruncated input (pair templates: tokenizers
+    encodes pair members separately) sets `exact_slots`, and whether a pair fits is computed from those lengths;
+    otherwise the planner asks `encode(truncate=False)` per over-long candidate.
     """
 
     family: str
@@ -78,6 +81,7 @@ class Encoder:
     accepts_single: bool = True
     accepts_instruction: bool = False
     default_instruction: str | None = None
+    exact_slots: bool = False
 
     def __init__(self, *, family: str, model_id: str, tokenizer, max_length: int, id2label: dict[int, str]):
         self.family, self.model_id, self.max_length, self.id2label = family, model_id, max_length, id2label
@@ -127,6 +131,8 @@ class Encoder:
 class PairEncoder(Encoder):
     """Cross-encoder input: the tokenizer's own pair template ([CLS] q [SEP] d [SEP], <s> q </s></s> d </s>, ...),
     `longest_first` truncation to max_length, exactly as `tokenizer(queries, docs, truncation="longest_first")`."""
+
+    exact_slots = True  # the pair's members are tokenized alone, then templated
 
     def __init__(self, *, uses_token_types: bool, **kw):
         super().__init__(**kw)

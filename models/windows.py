@@ -20,6 +20,7 @@ from .errors import InputError, InputTooLongError, InstructionNotSupportedError
 
 # Fewer document tokens than this per window: the pair is scored as with "truncate" (API.md 1.6).
 MIN_WINDOW = 32
+_ALL = 1 << 62  # "keep every query token"
 LONG_DOCUMENT_MODES = ("truncate", "chunk")
 
 
@@ -89,6 +90,12 @@ def _check_items(encoder, items, instruction, max_tokens_per_doc) -> None:
             check_text(doc, i, "the document")
 
 
+def _doc_tokens(encoder, docs: list[str], max_tokens_per_doc: int | None) -> list[list[int]]:
+    """The documents' own tokens (no special tokens), cut to max_tokens_per_doc."""
+    out = encoder.plain_tokens(docs) if docs else []
+    return [d[:max_tokens_per_doc] for d in out] if max_tokens_per_doc is not None else out
+
+
 def _fits(encoder, item, *, instruction, max_tokens_per_doc) -> bool:
     """Whether the family's own untruncated encoding of the pair is within its max length."""
     try:
@@ -120,15 +127,21 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
     max_length = encoder.max_length
     # An encoding shorter than the max length was not cut; one at the max length may or may not have been.
     candidates = [i for i, (_, doc) in enumerate(items) if doc is not None and plain.lengths[i] >= max_length]
-    long = [i for i in candidates
-            if not _fits(encoder, items[i], instruction=instruction, max_tokens_per_doc=max_tokens_per_doc)]
+    docs = dict(zip(candidates, _doc_tokens(encoder, [items[i][1] for i in candidates], max_tokens_per_doc)))
+    if getattr(encoder, "exact_slots", False):
+        # before + doc + after IS the untruncated input: its length decides, no second encoding.
+        full = {q: encoder.document_slot(q, _ALL, instruction).num_tokens
+                for q in dict.fromkeys(items[i][0] for i in candidates)}
+        long = [i for i in candidates if full[items[i][0]] + len(docs[i]) > max_length]
+    else:
+        long = [i for i in candidates
+                if not _fits(encoder, items[i], instruction=instruction, max_tokens_per_doc=max_tokens_per_doc)]
     windows: dict[int, tuple[list[list[int]], list[list[int]] | None]] = {}
     if long:
         keep = max_length // 2
         slots = {q: encoder.document_slot(q, keep, instruction) for q in dict.fromkeys(items[i][0] for i in long)}
-        docs = encoder.plain_tokens([items[i][1] for i in long])
-        for i, doc_ids in zip(long, docs):
-            slot = slots[items[i][0]]
+        for i in long:
+            doc_ids, slot = docs[i], slots[items[i][0]]
             width = max_length - slot.num_tokens
             if width < MIN_WINDOW:
                 if not truncate:
@@ -136,8 +149,6 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
                         f"input {i} does not fit the model's maximum of {max_length} tokens and leaves fewer than "
                         f"{MIN_WINDOW} tokens for a document window; shorten it or send truncate=true", index=i)
                 continue  # scored as with "truncate"
-            if max_tokens_per_doc is not None:
-                doc_ids = doc_ids[:max_tokens_per_doc]
             overlap = min(chunk_overlap, width // 2)
             ids, types = [], ([] if slot.before_types is not None else None)
             for s in window_starts(len(doc_ids), width, overlap, max_chunks):

@@ -260,3 +260,29 @@ def test_windows_reduce_to_the_max_per_pair():
 
     wb = WindowedBatch(EncodedBatch.from_lists([[1]] * 5), np.array([1, 3, 1]), np.array([False, True, False]))
     assert wb.reduce(np.array([0.5, -2.0, 3.0, 1.0, -7.0])).tolist() == [0.5, 3.0, -7.0]
+
+
+@pytest.mark.parametrize("variant,max_length", [("bert", 128), ("xlmr", 64), ("qwen3_tied", 256)])
+def test_the_fit_boundary(scorers, references, variant, max_length):
+    """A pair of exactly max_length tokens fits (scored as with truncation); the shortest longer one is chunked.
+    Lengths from the reference tokenizer's own untruncated call."""
+    scorer = scorers(variant, max_length=max_length)
+    ref = references(variant, max_length)
+
+    def length(doc: str) -> int:
+        if variant.startswith("qwen3"):
+            text = f"<Instruct>: {RECIPE_INSTRUCTION}\n<Query>: {QUERY}\n<Document>: {doc}"
+            return len(ref.prefix) + len(ref.tok.encode(text, add_special_tokens=False)) + len(ref.suffix)
+        return len(ref.tok(QUERY, doc)["input_ids"])
+
+    exact, k = [], 0  # character prefixes of the document: every length comes up
+    while (n := length(LONG_DOC[:k])) <= max_length:
+        exact += [k] if n == max_length else []
+        k += 1
+    over = k
+    assert exact, "no document of exactly max_length tokens"
+    pairs = [(QUERY, LONG_DOC[:exact[-1]]), (QUERY, LONG_DOC[:over])]
+    windowed = scorer.encoder.encode_windows(pairs)
+    assert windowed.chunked.tolist() == [False, True]
+    assert windowed.batch.sequence(0).tolist() == scorer.encoder.encode(pairs[:1]).sequence(0).tolist()
+    assert len(windowed.batch.sequence(0)) == max_length
