@@ -92,7 +92,7 @@ class Qwen3Encoder(Encoder):
         return out
 
     def document_slot(self, query, query_tokens, instruction=None):
-        """prefix + tokens of "<Instruct>: …\n<Query>: {q}\n<Document>: " as one piece | window | suffix (API.md 1.6),
+        """prefix + tokens of "<Instruct>: …\\n<Query>: {q}\\n<Document>: " as one piece | window | suffix (API.md 1.6),
         q decoded back from the query's first `query_tokens` tokens when it has more."""
         from .windows import DocumentSlot
 
