@@ -57,7 +57,22 @@ def check_text(value, index: int, what: str) -> None:
 
 
 class Encoder:
-    """Turns (query, document) items into an EncodedBatch the family's Scorer takes. Light: tokenizer only."""
+    """Turns (query, document) items into an EncodedBatch the family's Scorer takes. Light: tokenizer only.
+
+    Long documents (API.md 1.6, models/windows.py). `encode_windows` scores a pair that does not fit as windows
+    of its document's tokens; the planner is generic and needs from a family only two things:
+      - `encode(items, truncate=False, ...)` raising InputTooLongError for a pair over `max_length` (every
+        family does: that is how `truncate: false` works), and
+      - `document_slot(query, query_tokens, instruction) -> DocumentSlot`: the template's tokens BEFORE and AFTER
+        the document for this query, with the query cut to its first `query_tokens` tokens (its own tokens, no
+        special tokens), so that `before + window + after` is exactly the input a document of the window's tokens
+        would get. Pair templates return the post-processor's tokens around the second sequence (PairEncoder);
+        prompt/chat templates return the rendered prompt up to the document and from it on (Qwen3Encoder).
+    A family that does not override `document_slot` cannot chunk (`supports_windows` is False). A family whose
+    `before + (the document's own tokens) + after` is exactly its untruncated input (pair templates: tokenizers
+    encodes pair members separately) sets `exact_slots`, and whether a pair fits is computed from those lengths;
+    otherwise the planner asks `encode(truncate=False)` per over-long candidate.
+    """
 
     family: str
     model_id: str
@@ -66,6 +81,7 @@ class Encoder:
     accepts_single: bool = True
     accepts_instruction: bool = False
     default_instruction: str | None = None
+    exact_slots: bool = False
 
     def __init__(self, *, family: str, model_id: str, tokenizer, max_length: int, id2label: dict[int, str]):
         self.family, self.model_id, self.max_length, self.id2label = family, model_id, max_length, id2label
@@ -78,6 +94,36 @@ class Encoder:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
 
+    # --- long documents (API.md 1.6) -------------------------------------------------------------------------
+    @property
+    def supports_windows(self) -> bool:
+        return type(self).document_slot is not Encoder.document_slot
+
+    def document_slot(self, query: str, query_tokens: int, instruction: str | None = None):
+        """The template around the document for `query` (cut to `query_tokens` tokens): a windows.DocumentSlot."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its template around the document")
+
+    def plain_tokenizer(self) -> Tokenizer:
+        """A copy of the Rust tokenizer that never truncates (made on first use; only chunking needs it)."""
+        tok = getattr(self, "_plain", None)
+        if tok is None:
+            tok = self._plain = backend_copy(self.tokenizer.backend_tokenizer, None)
+        return tok
+
+    def plain_tokens(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's own tokens, no special tokens."""
+        return [e.ids for e in self.plain_tokenizer().encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_windows(self, items: Sequence[Item], *, truncate: bool = True, direction: str = "right",
+                       instruction: str | None = None, max_tokens_per_doc: int | None = None,
+                       chunk_overlap: int = 64, max_chunks: int = 32):
+        """`encode` with `long_documents: "chunk"`: a windows.WindowedBatch (see models/windows.py)."""
+        from .windows import encode_windows
+
+        return encode_windows(self, items, truncate=truncate, direction=parse_direction(direction),
+                              instruction=instruction, max_tokens_per_doc=max_tokens_per_doc,
+                              chunk_overlap=chunk_overlap, max_chunks=max_chunks)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_id!r}, family={self.family!r}, max_length={self.max_length})"
 
@@ -85,6 +131,8 @@ class Encoder:
 class PairEncoder(Encoder):
     """Cross-encoder input: the tokenizer's own pair template ([CLS] q [SEP] d [SEP], <s> q </s></s> d </s>, ...),
     `longest_first` truncation to max_length, exactly as `tokenizer(queries, docs, truncation="longest_first")`."""
+
+    exact_slots = True  # the pair's members are tokenized alone, then templated
 
     def __init__(self, *, uses_token_types: bool, **kw):
         super().__init__(**kw)
@@ -138,3 +186,38 @@ class PairEncoder(Encoder):
             else:
                 out.append(tok.post_process(q, None, add_special_tokens=True))
         return out
+
+    def document_slot(self, query, query_tokens, instruction=None):
+        """The post-processor's tokens around the second sequence, for the query's first `query_tokens` tokens.
+        Template post-processors insert fixed tokens, so their output around a one-token probe document is their
+        output around any document."""
+        from .windows import DocumentSlot
+
+        if instruction is not None:
+            raise InstructionNotSupportedError(f"model {self.model_id!r} takes no instruction")
+        tok = self.plain_tokenizer()
+        q = tok.encode(query, add_special_tokens=False)
+        q.truncate(query_tokens, stride=0, direction="right")
+        enc = tok.post_process(q, self._probe(), add_special_tokens=True)
+        doc = [k for k, s in enumerate(enc.sequence_ids) if s == 1]
+        if len(doc) != 1:
+            raise InputError(f"model {self.model_id!r}: cannot locate the document in the tokenizer's pair template")
+        at, ids, types = doc[0], enc.ids, enc.type_ids
+        if not self.uses_token_types:
+            return DocumentSlot(ids[:at], ids[at + 1:])
+        return DocumentSlot(ids[:at], ids[at + 1:], types[:at], types[at + 1:], doc_type=types[at])
+
+    def _probe(self) -> Encoding:
+        """A one-token document (post_process works on copies, so one is shared)."""
+        probe = getattr(self, "_probe_encoding", None)
+        if probe is None:
+            tok = self.plain_tokenizer()
+            for text in ("a", "0", self.tokenizer.unk_token or "", "."):
+                probe = tok.encode(text, add_special_tokens=False) if text else None
+                if probe is not None and len(probe.ids) >= 1:
+                    probe.truncate(1, stride=0, direction="right")
+                    break
+            else:
+                raise InputError(f"model {self.model_id!r}: no one-token text to locate the document with")
+            self._probe_encoding = probe
+        return probe

@@ -92,6 +92,19 @@ class Qwen3Encoder(Encoder):
             out.append(doc)
         return out
 
+    def document_slot(self, query, query_tokens, instruction=None):
+        """prefix + tokens of "<Instruct>: …\\n<Query>: {q}\\n<Document>: " as one piece | window | suffix (API.md 1.6),
+        q decoded back from the query's first `query_tokens` tokens when it has more."""
+        from .windows import DocumentSlot
+
+        tok = self.plain_tokenizer()
+        ids = tok.encode(query, add_special_tokens=False).ids
+        if len(ids) > query_tokens:
+            query = tok.decode(ids[:query_tokens], skip_special_tokens=False)
+        instruction = self.default_instruction if instruction is None else instruction
+        piece = tok.encode(format_content(instruction, query, ""), add_special_tokens=False).ids
+        return DocumentSlot(self.prefix_ids + piece, list(self.suffix_ids))
+
 
 def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> Qwen3Encoder:
     tok = load_tokenizer(model_id, model_dir, config)

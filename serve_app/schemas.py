@@ -14,6 +14,13 @@ from models.errors import InputError, ModelLoadError
 # ----------------------------------------------------------------------------------------------- requests
 
 Direction = Literal["right", "left"]
+LongDocuments = Literal["truncate", "chunk"]
+
+
+def _long_documents():
+    return Field(default=None, description='"truncate" or "chunk" (API.md 1.6); null: the model\'s setting.')
+
+
 PredictInputs = Union[str, list[str], list[list[str]]]
 
 
@@ -42,6 +49,7 @@ class RerankRequest(_Truncation):
     model: str | None = None
     instruction: str | None = None
     top_n: PositiveInt | None = None
+    long_documents: LongDocuments | None = _long_documents()
 
 
 class PredictRequest(_Truncation):
@@ -51,6 +59,7 @@ class PredictRequest(_Truncation):
     raw_scores: bool = False
     model: str | None = None
     instruction: str | None = None
+    long_documents: LongDocuments | None = _long_documents()
 
 
 class TokenizeRequest(_Truncation):
@@ -59,6 +68,8 @@ class TokenizeRequest(_Truncation):
     inputs: PredictInputs
     model: str | None = None
     instruction: str | None = None
+    long_documents: LongDocuments | None = Field(default=None, description="accepted and ignored: /tokenize "
+                                                                          "shows the truncated input")
 
 
 class Document(BaseModel):
@@ -78,6 +89,7 @@ class CohereRerankRequest(_Request):
     return_documents: bool = False
     max_tokens_per_doc: PositiveInt | None = None
     instruction: str | None = None
+    long_documents: LongDocuments | None = _long_documents()
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]

@@ -16,6 +16,7 @@ import numpy as np
 
 from models.encoded import EncodedBatch
 from models.errors import InputError
+from models.windows import encode_windows
 from serve_app.fanout import plan_pieces, scatter
 from serve_app.schemas import (ApiError, CohereRerankRequest, PredictRequest, RerankRequest, TokenizeRequest,
                                predict_items)
@@ -90,6 +91,10 @@ class RerankService:
         # Fan-out piece size: the replica's batching budget, resolved as the replica resolves it.
         self._piece_tokens = {m.name: resolve_token_budget(m.token_budget, m.resolved_device)
                               for m in settings.models}
+        for m in settings.models:  # a setting the model cannot honour fails the deploy, not every request
+            if m.long_documents == "chunk" and not getattr(self.encoders[m.name], "supports_windows", False):
+                raise ValueError(f"model {m.name!r}: long_documents 'chunk' is not supported by its family "
+                                 f"{self.encoders[m.name].family!r}; use 'truncate'")
 
     # ---------------------------------------------------------------------------------------- helpers
     @property
@@ -118,12 +123,29 @@ class RerankService:
     async def encode(self, model: ModelSettings, items: Sequence[tuple[str, str | None]], field: str,
                      **kwargs: Any) -> EncodedBatch:
         """Template + tokenize in a worker thread (keeps the event loop free for other requests)."""
-        encoder = self.encoders[model.name]
+        return await self._in_thread(self.encoders[model.name].encode, items, field, **kwargs)
+
+    @staticmethod
+    async def _in_thread(fn: Any, items: Sequence[tuple[str, str | None]], field: str, **kwargs: Any) -> Any:
         try:  # models' encoders are safe to call from several threads at once
-            return await asyncio.to_thread(encoder.encode, items, **kwargs)
+            return await asyncio.to_thread(fn, items, **kwargs)
         except InputError as e:
             where = f"`{field}[{e.index}]`: " if e.index is not None else ""
             raise ApiError(422, "Validation", f"{where}{e}") from e
+
+    async def encode_and_score(self, model: ModelSettings, items: Sequence[tuple[str, str | None]], field: str, *,
+                               long_documents: str | None = None, **kwargs: Any) -> tuple[np.ndarray, int]:
+        """(raw score per item, tokens scored). With long_documents "chunk" (API.md 1.6) a pair that does not fit
+        is several sequences of the one batch (its windows), scored and fanned out like any others; its score is
+        the max over them, and every window's tokens count."""
+        if (long_documents or model.long_documents) == "chunk":
+            encoder = self.encoders[model.name]
+            windowed = await self._in_thread(
+                lambda its, **kw: encode_windows(encoder, its, **kw), items, field,
+                chunk_overlap=model.chunk_overlap, max_chunks=model.max_chunks, **kwargs)
+            return windowed.reduce(await self.score(model, windowed.batch)), windowed.num_tokens
+        batch = await self.encode(model, items, field, **kwargs)
+        return await self.score(model, batch), batch.num_tokens
 
     async def score(self, model: ModelSettings, batch: EncodedBatch) -> np.ndarray:
         """Raw scores of `batch` from the model's deployment: one call, or for a request of several token
@@ -148,12 +170,12 @@ class RerankService:
 
     async def _rank(self, model: ModelSettings, query: str, texts: list[str], field: str, *,
                     truncate: bool | None = None, direction: str = "right", instruction: str | None = None,
-                    max_tokens_per_doc: int | None = None) -> tuple[np.ndarray, int]:
+                    max_tokens_per_doc: int | None = None, long_documents: str | None = None
+                    ) -> tuple[np.ndarray, int]:
         self._check_instruction(model, instruction)
-        batch = await self.encode(model, [(query, t) for t in texts], field,
-                                  truncate=truncate is not False, direction=direction,
-                                  instruction=instruction, max_tokens_per_doc=max_tokens_per_doc)
-        return await self.score(model, batch), batch.num_tokens
+        return await self.encode_and_score(model, [(query, t) for t in texts], field, long_documents=long_documents,
+                                           truncate=truncate is not False, direction=direction,
+                                           instruction=instruction, max_tokens_per_doc=max_tokens_per_doc)
 
     # ----------------------------------------------------------------------------------------- routes
     async def rerank(self, req: RerankRequest) -> list[dict[str, Any]]:
@@ -163,7 +185,8 @@ class RerankService:
         self._check_count("texts", len(req.texts))
         model = self.resolve(req.model)
         raw, _ = await self._rank(model, req.query, req.texts, "texts", truncate=req.truncate,
-                                  direction=req.truncation_direction, instruction=req.instruction)
+                                  direction=req.truncation_direction, instruction=req.instruction,
+                                  long_documents=req.long_documents)
         scores = raw.astype(np.float64) if req.raw_scores else sigmoid(raw)
         out = []
         for i in rank_order(scores, req.top_n):
@@ -181,7 +204,8 @@ class RerankService:
         model = self.resolve(req.model)
         texts = req.texts()
         raw, num_tokens = await self._rank(model, req.query, texts, "documents", instruction=req.instruction,
-                                           max_tokens_per_doc=req.max_tokens_per_doc)
+                                           max_tokens_per_doc=req.max_tokens_per_doc,
+                                           long_documents=req.long_documents)
         scores = sigmoid(raw)
         results = []
         for i in rank_order(scores, req.top_n):
@@ -206,9 +230,9 @@ class RerankService:
                     where = f"`inputs[{i}]`" if is_batch else "`inputs`"
                     raise ApiError(422, "Validation", f"{where} is a single text, but model {model.name!r} "
                                                       "scores (query, document) pairs only: send two texts")
-        batch = await self.encode(model, items, "inputs", truncate=req.truncate is not False,
-                                  direction=req.truncation_direction, instruction=req.instruction)
-        raw = await self.score(model, batch)
+        raw, _ = await self.encode_and_score(model, items, "inputs", long_documents=req.long_documents,
+                                             truncate=req.truncate is not False,
+                                             direction=req.truncation_direction, instruction=req.instruction)
         scores = raw.astype(np.float64) if req.raw_scores else sigmoid(raw)
         label = (encoder.id2label or {}).get(0, "LABEL_0")
         per_input = [[{"score": _json_float(s), "label": label}] for s in scores]
@@ -260,6 +284,9 @@ class RerankService:
             "accepts_single_text": encoder.accepts_single,
             "accepts_instruction": encoder.accepts_instruction,
             "default_instruction": encoder.default_instruction,
+            "long_documents": model.long_documents,
+            "chunk_overlap": model.chunk_overlap,
+            "max_chunks": model.max_chunks,
             "num_parameters": loaded.get("num_parameters"),
             "loaded": bool(loaded),
             "batching": {

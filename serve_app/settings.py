@@ -46,6 +46,15 @@ class ModelSettings(BaseModel):
     max_length: PositiveInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    # Long documents (API.md 1.6): what a pair longer than max_length gets when a request does not say.
+    long_documents: Literal["truncate", "chunk"] = Field(default="truncate", description=(
+        "truncate: an over-long pair is cut. chunk: its document is scored as overlapping windows of its tokens "
+        "and the pair gets the max of their scores. A request's `long_documents` overrides it."))
+    chunk_overlap: int = Field(default=64, ge=0, description=(
+        "Tokens shared by consecutive windows (at most half a window)."))
+    max_chunks: PositiveInt = Field(default=32, description="Windows scored per document at most; later text "
+                                                            "is not scored.")
+
     # How it is served.
     num_replicas: Union[PositiveInt, Literal["auto"]] = Field(default=1, description=(
         "Fixed replica count, or 'auto': autoscaling with the default preset."))

@@ -58,3 +58,13 @@ def test_qwen_baseline_pairs_give_the_official_recipe_scores(tmp_path):
             logits = model(**tok(text, return_tensors="pt")).logits[0, -1]
         official.append((logits[yes] - logits[no]).item())
     assert np.abs(np.asarray(baseline) - np.asarray(official)).max() <= 1e-5
+
+
+def test_long_documents_have_their_planned_token_counts():
+    from benchmarks import long_docs
+
+    tok = build.modernbert_tokenizer()
+    pairs = long_docs.make_long_pairs(6, 2000, seed=0)
+    counts = [len(tok.encode(d, add_special_tokens=False)) for _, d in pairs]
+    assert all(1800 <= n <= 2200 for n in counts), counts
+    assert all(8 <= len(tok.encode(q, add_special_tokens=False)) <= 16 for q, _ in pairs)

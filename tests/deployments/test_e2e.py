@@ -262,3 +262,20 @@ def test_concurrent_burst_each_response_carries_its_own_scores(main_url, tiny):
         assert got == pytest.approx({i: reference[model][t] for i, t in enumerate(texts)}, abs=TOL)
     for f in bad_futures:
         assert f.result().status_code == 422
+
+
+def test_long_documents_chunk_through_the_deployments(main_url, tiny):
+    """The windows go through the ingress and the model deployment (token budget 40: several pieces) and come
+    back as the max per pair; reference: tests/models/test_windows.py's, built from API.md 1.6."""
+    from tests.models.test_windows import PairReference
+
+    query, docs = QUERIES[0], [DOCS[5], DOCS[0]]  # a document of several windows, one that fits
+    r = post(main_url, "/v1/rerank", {"model": "bert", "query": query, "documents": docs,
+                                      "long_documents": "chunk"}).json()
+    reference = PairReference(tiny["bert"], "bert", 64)
+    expected = [reference.raw(query, d) for d in docs]
+    assert len(expected[0][1]) >= 3 and len(expected[1][1]) == 1
+    got = {x["index"]: x["relevance_score"] for x in r["results"]}
+    for i, (raw, _) in enumerate(expected):
+        assert abs(got[i] - 1 / (1 + np.exp(-raw))) <= TOL
+    assert r["usage"]["total_tokens"] == sum(len(ids) for _, seqs in expected for ids, _ in seqs)

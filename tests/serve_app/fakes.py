@@ -20,11 +20,12 @@ class FakeEncoder:
     """[CLS] query words [SEP] doc words: one token per whitespace-separated word."""
 
     def __init__(self, *, family="seq_cls", max_length=32, accepts_single=True, accepts_instruction=False,
-                 id2label=None, default_instruction=None, with_types=False):
+                 id2label=None, default_instruction=None, with_types=False, supports_windows=True):
         self.family, self.model_id, self.max_length = family, f"fake/{family}", max_length
         self.id2label = id2label if id2label is not None else {0: "LABEL_0"}
         self.accepts_single, self.accepts_instruction = accepts_single, accepts_instruction
         self.default_instruction, self.with_types = default_instruction, with_types
+        self.supports_windows = supports_windows  # models/windows.py's hooks below
         self.calls: list[dict] = []
 
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
@@ -53,6 +54,16 @@ class FakeEncoder:
     def convert_ids_to_tokens(self, ids):
         return [_WORDS[i] for i in ids]
 
+    def plain_tokens(self, texts):
+        return [[word_id(w) for w in t.split()] for t in texts]
+
+    def document_slot(self, query, query_tokens, instruction=None):
+        from models.windows import DocumentSlot
+
+        before = [CLS] + self.plain_tokens([query])[0][:query_tokens] + [SEP]
+        return DocumentSlot(before, [], [0] * len(before) if self.with_types else None,
+                            [] if self.with_types else None)
+
 
 def doc_of(seq) -> str:
     """The document words of an encoded sequence (after the first [SEP])."""
@@ -63,8 +74,10 @@ def doc_of(seq) -> str:
 class FakeBackend:
     """Raw score of a pair = `table[document text]` (0.0 when absent); records every call."""
 
-    def __init__(self, table=None, *, error=None, ready=(True, "ok"), describe=None):
+    def __init__(self, table=None, *, error=None, ready=(True, "ok"), describe=None, word_scores=None):
         self.table, self.error, self._ready = dict(table or {}), error, ready
+        # Else, with word_scores: the raw score of a document is the sum of its words' scores.
+        self.word_scores = word_scores
         self._describe = describe or {"family": "seq_cls", "dtype": "float32", "device": "cpu",
                                       "token_budget": 4096, "num_parameters": 123}
         self.calls: list[EncodedBatch] = []
@@ -73,8 +86,12 @@ class FakeBackend:
         self.calls.append(batch)
         if self.error is not None:
             raise self.error
-        return np.array([self.table.get(doc_of(batch.sequence(i)), 0.0) for i in range(len(batch))],
-                        dtype=np.float32)
+        return np.array([self._score(doc_of(batch.sequence(i))) for i in range(len(batch))], dtype=np.float32)
+
+    def _score(self, doc: str) -> float:
+        if self.word_scores is not None:
+            return float(sum(self.word_scores.get(w, 0.0) for w in doc.split()))
+        return self.table.get(doc, 0.0)
 
     async def describe(self):
         return self._describe

@@ -384,3 +384,140 @@ def test_a_backend_returning_the_wrong_number_of_scores_is_an_error_not_a_wrong_
             return (await super().score(batch))[:-1]
     client, _ = make(bert_backend=Short(TABLE))
     error_of(client.post("/rerank", json={"query": "q", "texts": ["a", "b"]}), 500, "Internal")
+
+
+# ------------------------------------------------------------------------------- long documents (API.md 1.6)
+# The fake model: max_length 64, "[CLS] q [SEP] doc" — a one-word query leaves W = 61 document tokens a window,
+# overlap min(64, 61 // 2) = 30, stride 31. A document's raw score = its words' scores summed.
+LONG = " ".join(["x"] * 95 + ["gold"] + ["x"] * 4)  # 100 words: windows [0:61], [31:92], [62:100]; gold in the 3rd
+WORDS = {"gold": 3.0, "x": -0.01}
+
+
+def make_long(*, model_settings=None, **kw):
+    bert = {"name": "bert", "model_id": "fake/bert", **(model_settings or {})}
+    settings = AppSettings(models=[bert], api_key=None, hf_token=None, **kw)
+    backend = FakeBackend(word_scores=WORDS)
+    service = RerankService(settings, {"bert": FakeEncoder(with_types=True, max_length=64)}, {"bert": backend})
+    return TestClient(create_http_app(service, request_id=lambda: "req-1"), raise_server_exceptions=False), backend
+
+
+def test_chunk_scores_a_long_document_by_its_best_window():
+    client, backend = make_long()
+    texts = [LONG, "gold x", "x x"]
+    body = {"query": "q", "texts": texts, "raw_scores": True}
+    truncated = {x["index"]: x["score"] for x in client.post("/rerank", json=body).json()}
+    assert truncated[0] == pytest.approx(-0.61, abs=1e-5)  # only the first 61 words were seen
+    chunked = {x["index"]: x["score"] for x in client.post("/rerank", json={**body, "long_documents": "chunk"}).json()}
+    assert chunked[0] == pytest.approx(3.0 - 0.37, abs=1e-5)  # window 3: 37 x + gold
+    assert chunked[1] == truncated[1] == pytest.approx(2.99, abs=1e-5) and chunked[2] == truncated[2]
+    # All windows of the request are sequences of one batch: 3 windows + 2 fitting pairs.
+    assert [len(b) for b in backend.calls] == [3, 5]
+    normalised = client.post("/rerank", json={**body, "raw_scores": False, "long_documents": "chunk"}).json()
+    assert {x["index"]: x["score"] for x in normalised}[0] == pytest.approx(sig(2.63), abs=1e-6)  # sigmoid of the max
+
+
+def test_chunk_on_cohere_routes_counts_every_window_token():
+    client, _ = make_long()
+    for route in ("/v1/rerank", "/v2/rerank"):
+        body = {"query": "q", "documents": [LONG, {"text": "gold"}], "long_documents": "chunk"}
+        r = client.post(route, json=body).json()
+        assert [x["index"] for x in r["results"]] == [1, 0]
+        assert r["results"][1]["relevance_score"] == pytest.approx(sig(2.63), abs=1e-6)
+        # windows of 3 + 61, 3 + 61 and 3 + 38 tokens, and [CLS] q [SEP] gold
+        assert r["usage"]["total_tokens"] == r["meta"]["tokens"]["input_tokens"] == 64 + 64 + 41 + 4
+        plain = client.post(route, json={**body, "long_documents": "truncate"}).json()
+        assert plain["usage"]["total_tokens"] == 64 + 4
+
+
+def test_chunk_max_tokens_per_doc_cuts_before_the_windows():
+    client, backend = make_long()
+    body = {"query": "q", "documents": [LONG], "long_documents": "chunk", "max_tokens_per_doc": 70}
+    r = client.post("/v1/rerank", json=body).json()
+    # 70 tokens: windows [0:61], [31:70]; gold (word 95) is gone
+    assert r["usage"]["total_tokens"] == 64 + 42
+    assert r["results"][0]["relevance_score"] == pytest.approx(sig(-0.39), abs=1e-6)
+
+
+def test_chunk_on_predict_pairs_only():
+    client, _ = make_long()
+    inputs = [["q", LONG], ["gold x"], ["q", "gold"]]
+    r = client.post("/predict", json={"inputs": inputs, "raw_scores": True, "long_documents": "chunk"}).json()
+    assert [x[0]["score"] for x in r] == pytest.approx([2.63, 0.0, 3.0], abs=1e-5)  # a single text: as usual
+    single = client.post("/predict", json={"inputs": ["q", LONG], "raw_scores": True,
+                                           "long_documents": "chunk"}).json()
+    assert single[0]["score"] == pytest.approx(2.63, abs=1e-5)
+
+
+def test_the_model_setting_is_the_default_and_a_request_overrides_it():
+    client, _ = make_long(model_settings={"long_documents": "chunk", "chunk_overlap": 0, "max_chunks": 1})
+    body = {"query": "q", "texts": [LONG], "raw_scores": True}
+    assert client.post("/rerank", json=body).json()[0]["score"] == pytest.approx(-0.61, abs=1e-5)  # 1 window
+    client, _ = make_long(model_settings={"long_documents": "chunk", "chunk_overlap": 0})
+    # overlap 0: windows [0:61], [61:100]
+    assert client.post("/rerank", json=body).json()[0]["score"] == pytest.approx(3.0 - 0.38, abs=1e-5)
+    assert client.post("/rerank", json={**body, "long_documents": "truncate"}).json()[0]["score"] == \
+        pytest.approx(-0.61, abs=1e-5)
+
+
+def test_chunk_windows_fan_out_like_any_sequences():
+    # A token budget of 40 puts the windows of one request into several concurrent pieces.
+    client, backend = make_long(model_settings={"token_budget": 40, "max_fanout": 8})
+    r = client.post("/rerank", json={"query": "q", "texts": [LONG, LONG, "gold"], "raw_scores": True,
+                                     "long_documents": "chunk"}).json()
+    assert len(backend.calls) > 1 and sum(len(b) for b in backend.calls) == 7
+    assert {x["index"]: x["score"] for x in r} == pytest.approx({0: 2.63, 1: 2.63, 2: 3.0}, abs=1e-5)
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/rerank", {"query": "q", "texts": ["a"]}),
+    ("/v1/rerank", {"query": "q", "documents": ["a"]}),
+    ("/v2/rerank", {"query": "q", "documents": ["a"]}),
+    ("/predict", {"inputs": ["q", "a"]}),
+    ("/tokenize", {"inputs": ["q", "a"]}),
+])
+@pytest.mark.parametrize("value", ["bogus", "Chunk", 1, True])
+def test_bad_long_documents_is_a_422(route, body, value):
+    client, _ = make_long()
+    assert "long_documents" in error_of(client.post(route, json={**body, "long_documents": value}),
+                                        422, "Validation")
+
+
+def test_tokenize_ignores_long_documents():
+    client, _ = make_long()
+    plain = client.post("/tokenize", json={"inputs": ["q", LONG]}).json()
+    assert client.post("/tokenize", json={"inputs": ["q", LONG], "long_documents": "chunk"}).json() == plain
+    assert plain[0]["num_tokens"] == 64
+
+
+def test_chunk_keeps_truncate_false_for_unchunked_pairs_only():
+    client, _ = make_long()
+    body = {"query": "q", "texts": [LONG], "truncate": False}
+    error_of(client.post("/rerank", json=body), 422, "Validation")
+    assert client.post("/rerank", json={**body, "long_documents": "chunk"}).status_code == 200
+
+
+def test_info_shows_long_document_settings():
+    client, _ = make_long(model_settings={"long_documents": "chunk", "chunk_overlap": 16, "max_chunks": 4})
+    bert = client.get("/info").json()["models"][0]
+    assert (bert["long_documents"], bert["chunk_overlap"], bert["max_chunks"]) == ("chunk", 16, 4)
+    defaults = make()[0].get("/info").json()["models"][0]
+    assert (defaults["long_documents"], defaults["chunk_overlap"], defaults["max_chunks"]) == ("truncate", 64, 32)
+
+
+def test_chunk_for_a_family_without_windows():
+    settings = AppSettings(models=[{"name": "m", "model_id": "fake/m", "long_documents": "chunk"}], api_key=None,
+                           hf_token=None)
+    with pytest.raises(ValueError, match="long_documents"):
+        RerankService(settings, {"m": FakeEncoder(supports_windows=False)}, {"m": FakeBackend()})
+    settings = AppSettings(models=[{"name": "m", "model_id": "fake/m"}], api_key=None, hf_token=None)
+    service = RerankService(settings, {"m": FakeEncoder(supports_windows=False)}, {"m": FakeBackend()})
+    client = TestClient(create_http_app(service), raise_server_exceptions=False)
+    assert "windows" in error_of(client.post("/rerank", json={"query": "q", "texts": ["a"],
+                                                                "long_documents": "chunk"}), 422, "Validation")
+
+
+@pytest.mark.parametrize("field, value", [("chunk_overlap", 8), ("max_chunks", 2)])
+def test_a_request_may_pass_long_documents_only(field, value):
+    client, _ = make_long()
+    body = {"query": "q", "texts": ["a"], "long_documents": "chunk", field: value}
+    assert field in error_of(client.post("/rerank", json=body), 422, "Validation")

@@ -75,6 +75,9 @@ def test_secrets_come_from_the_environment(monkeypatch):
     ({"models": [{"name": "bad name!", "model_id": "x/a"}]}, "name"),
     ({"models": [{"name": "a"}]}, "model_id"),
     ({"max_candidates": 0}, "max_candidates"),
+    ({"models": [{"model_id": "x/a", "long_documents": "bogus"}]}, "long_documents"),
+    ({"models": [{"model_id": "x/a", "chunk_overlap": -1}]}, "chunk_overlap"),
+    ({"models": [{"model_id": "x/a", "max_chunks": 0}]}, "max_chunks"),
     ({"unknown_top_level": True}, "unknown_top_level"),
 ])
 def test_bad_settings_are_rejected_with_a_message(raw, fragment):
@@ -235,3 +238,19 @@ def test_build_app_fails_fast_on_an_unsupported_local_model(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(ModelLoadError, match="unsupported architecture"):
         check_model_source(ModelSettings(name="gpt", model_id=str(tmp_path)))
+
+
+@pytest.mark.parametrize("setting, value", [("chunk_overlap", -1), ("max_chunks", 0), ("long_documents", "bogus")])
+def test_build_app_fails_on_bad_long_document_settings_naming_them(setting, value):
+    """A failed deploy before anything starts, with the setting's name in the message (API.md 1.6)."""
+    with pytest.raises(ValidationError) as e:
+        build_app({"models": [{"model_id": "x/a", setting: value}]})
+    assert setting in str(e.value)
+
+
+def test_long_document_settings_defaults():
+    m = AppSettings.model_validate({"models": [{"model_id": "x/a"}]}).models[0]
+    assert (m.long_documents, m.chunk_overlap, m.max_chunks) == ("truncate", 64, 32)
+    m = AppSettings.model_validate({"models": [{"model_id": "x/a", "long_documents": "chunk", "chunk_overlap": 0,
+                                                "max_chunks": 1}]}).models[0]
+    assert (m.long_documents, m.chunk_overlap, m.max_chunks) == ("chunk", 0, 1)
