@@ -22,7 +22,6 @@ from autoscaling.presets import (
     PRESET_NAMES,
     PRESETS,
     autoscaling_options,
-    count_parameters,
     size_class,
 )
 from autoscaling.work import WorkTracker
@@ -30,5 +29,5 @@ from autoscaling.work import WorkTracker
 __all__ = [
     "DEFAULT_PRESET", "Decision", "METRIC_KEYS", "POLICY_FUNCTION", "PRESETS", "PRESET_NAMES", "WORK_PAIRS",
     "WORK_REQUESTS", "WORK_TOKENS", "WorkPolicy", "WorkSignal", "WorkTarget", "WorkTracker",
-    "autoscaling_options", "count_parameters", "desired_replicas", "size_class",
+    "autoscaling_options", "desired_replicas", "size_class",
 ]

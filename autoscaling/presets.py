@@ -15,13 +15,9 @@ full batches over latency (throughput).
 """
 from __future__ import annotations
 
-import json
 import math
-import struct
-import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 POLICY_FUNCTION = "autoscaling.policy:WorkPolicy"
 
@@ -99,7 +95,7 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
     """The Ray deployment options that make one model deployment scale on its work.
 
     Args:
-        num_parameters: the model's parameter count (``count_parameters``); None = unknown ("small").
+        num_parameters: the model's parameter count (``models.hub.count_parameters``); None = unknown ("small").
         device: the model's device setting ("cpu", "cuda", "cuda:0", "auto"); with ``num_gpus`` it
             decides GPU vs CPU defaults (GPU when ``num_gpus > 0`` or the device is CUDA).
         num_gpus: the replica's GPU share (0.25 = a quarter GPU); caps ``max_replicas`` at
@@ -227,80 +223,3 @@ def _policy_kwargs(settings: dict[str, Any], p: Preset, token_budget: int | None
     if token_budget is None:
         return {"metric": metric, "target_budgets_per_replica": float(budgets)}
     return {"metric": metric, "target_per_replica": float(budgets) * token_budget}
-
-
-def count_parameters(model: str | Path, revision: str | None = None, token: str | None = None,
-                     timeout_s: float = 5.0) -> int | None:
-    """The parameter count of a model, read from its safetensors headers only (no weights loaded).
-
-    ``model`` is a local directory (every ``*.safetensors`` under it, sub-modules such as
-    ``1_Dense/`` included) or a Hub id: first the local Hugging Face cache (no network), else the Hub's
-    header requests (``huggingface_hub.get_safetensors_metadata``), given at most ``timeout_s`` in all.
-    Returns None when it cannot be found (no safetensors, no network, too slow, any error): presets
-    then use "small". Never raises, so sizing can never fail or stall an app build.
-    """
-    try:
-        path = Path(model).expanduser()
-        if path.is_dir():
-            return _count_dir(path)
-        cached = _cached_snapshot(str(model), revision)
-        if cached is not None:
-            return cached
-        return _bounded(lambda: _count_on_hub(str(model), revision, token, timeout_s), timeout_s)
-    except Exception:  # noqa: BLE001 - any failure just means "unknown size"
-        return None
-
-
-def _count_dir(path: Path) -> int | None:
-    files = sorted(path.rglob("*.safetensors"))
-    return sum(_safetensors_count(f) for f in files) if files else None
-
-
-def _cached_snapshot(repo_id: str, revision: str | None) -> int | None:
-    """The count from a complete cached snapshot (e.g. on a node that served the model before)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        root = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (or not a valid id): ask the Hub
-        return None
-    for index in root.rglob("*.safetensors.index.json"):  # a sharded checkpoint: every shard present?
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        if not all((index.parent / shard).is_file() for shard in shards):
-            return None
-    return _count_dir(root)
-
-
-def _count_on_hub(repo_id: str, revision: str | None, token: str | None, timeout_s: float) -> int:
-    from huggingface_hub import get_safetensors_metadata
-
-    metadata = get_safetensors_metadata(repo_id, revision=revision, token=token, timeout=timeout_s)
-    return int(sum(metadata.parameter_count.values()))
-
-
-def _bounded(fn: Callable[[], int], timeout_s: float) -> int | None:
-    """``fn()`` in a daemon thread, None if it fails or has not returned within ``timeout_s``.
-
-    The Hub timeout is per request and a lookup makes several; a daemon thread left behind by an
-    unresponsive network never holds up the build (nor the interpreter's exit).
-    """
-    result: list[int] = []
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except Exception:  # noqa: BLE001 - no network, no such repo, no safetensors: "unknown"
-            pass
-
-    worker = threading.Thread(target=run, name="count-parameters", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    return result[0] if result else None
-
-
-def _safetensors_count(file: Path) -> int:
-    # Layout: 8-byte little-endian header length, then a JSON header {name: {dtype, shape, offsets}}.
-    with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")

@@ -10,7 +10,8 @@ from typing import Any
 
 from ray.serve import Application
 
-from autoscaling import autoscaling_options, count_parameters
+from autoscaling import autoscaling_options
+from models.hub import count_parameters
 from serve_app.settings import AppSettings, ModelSettings, deployment_name
 
 logger = logging.getLogger(__name__)

@@ -178,13 +178,13 @@ def test_build_app_never_stalls_on_an_unreachable_hub(monkeypatch):
     """Sizing Hub models asks the Hub for headers; a silent network costs one bounded wait, not one per model."""
     import time
 
-    import autoscaling.presets
+    import models.hub
     import serve_app.builder
 
     def hang(*_args, **_kwargs):
         time.sleep(30)
 
-    monkeypatch.setattr(autoscaling.presets, "_count_on_hub", hang)
+    monkeypatch.setattr(models.hub, "_count_on_hub", hang)
     monkeypatch.setattr(serve_app.builder, "COUNT_TIMEOUT_S", 1.0)
     models = [{"name": f"m{i}", "model_id": f"org/m{i}", "num_replicas": "auto"} for i in range(4)]
     start = time.monotonic()
