@@ -48,16 +48,12 @@ def needed_files(files: list[str]) -> list[str]:
 
 
 def _list_files(model_id: str, revision: str | None, token: str | None, endpoint: str) -> list[str]:
-    """The repository's file list from one request (no retries)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    """The repository's file list from one model-info request (the library's auth and error types)."""
+    from huggingface_hub import HfApi, constants
 
-    rev = revision or "main"
-    url = f"{endpoint.rstrip('/')}/api/models/{model_id}/revision/{rev.replace('/', '%2F')}"
     timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT", constants.DEFAULT_ETAG_TIMEOUT))
-    response = get_session().get(url, headers=build_hf_headers(token=token), timeout=timeout)
-    hf_raise_for_status(response)
-    return [s["rfilename"] for s in response.json().get("siblings", [])]
+    info = HfApi(endpoint=endpoint).model_info(model_id, revision=revision or "main", token=token, timeout=timeout)
+    return [s.rfilename for s in info.siblings or []]
 
 
 def _cache_dir() -> str | None:

@@ -22,7 +22,7 @@ class FakeHub:
     with siblings, the recursive tree, and resolve/ HEAD + GET with ETag and X-Repo-Commit. Records requests."""
 
     def __init__(self, repos: dict[str, Path]):
-        self.repos, self.requests = repos, []
+        self.repos, self.requests, self.headers = repos, [], []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,6 +44,7 @@ class FakeHub:
 
     def serve(self, h: BaseHTTPRequestHandler, body: bool):
         self.requests.append((h.command, h.path))
+        self.headers.append({k.lower(): v for k, v in h.headers.items()})
         for repo, root in self.repos.items():
             if h.path.startswith(f"/api/models/{repo}/tree/"):
                 return self._send(h, body, json.dumps([
@@ -120,6 +121,13 @@ def test_missing_repository_names_the_model(hub):
 def test_repository_without_config(hub):
     with pytest.raises(ModelLoadError, match="config.json"):
         resolve_model_dir("org/no-config")
+
+
+def test_file_list_is_one_model_info_request_carrying_the_token(hub):
+    resolve_model_dir("org/tiny-modular", token="hf_secret")
+    listing = [i for i, (_, path) in enumerate(hub.requests) if path.startswith("/api/models/")]
+    assert [hub.requests[i] for i in listing[:1]] == [("GET", "/api/models/org/tiny-modular/revision/main")]
+    assert hub.headers[listing[0]].get("authorization") == "Bearer hf_secret"
 
 
 # ---- parameter counts, against the reference implementations ---------------------------------------------
