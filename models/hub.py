@@ -23,10 +23,11 @@ _REPO_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 _SKIP_DIRS = ("onnx/", "openvino/", "coreml/", "tf/", "flax/", "checkpoint-", "runs/", ".")
 
 
-def _is_local_path(model_id: str) -> bool:
-    """Looks like a filesystem path rather than `org/name` (absolute, relative, home, or deeper than org/name)."""
-    return (model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
-            or Path(model_id).expanduser().exists())
+def is_local_path(model_id: str) -> bool:
+    """Whether a model id names a filesystem path rather than a Hub `org/name`: absolute, relative, home, Windows,
+    or deeper than org/name. Decided from the string alone, so settings validated on one machine agree with the
+    replicas on another (a Hub-like id that happens to exist on disk is still served from that directory)."""
+    return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
 
 
 def needed_files(files: list[str]) -> list[str]:
@@ -82,7 +83,7 @@ def resolve_model_dir(model_id: str, revision: str | None = None, token: str | N
     local = Path(model_id).expanduser()
     if local.is_dir():
         return local
-    if _is_local_path(model_id) or not _REPO_ID.match(model_id):
+    if is_local_path(model_id) or local.exists() or not _REPO_ID.match(model_id):
         raise ModelLoadError(model_id, "no such local directory, and not a valid Hugging Face Hub repo id")
 
     from huggingface_hub import snapshot_download

@@ -11,7 +11,7 @@ from typing import Any
 from ray.serve import Application
 
 from autoscaling import autoscaling_options
-from models.hub import count_parameters
+from models.hub import count_parameters, is_local_path
 from serve_app.settings import AppSettings, ModelSettings, deployment_name
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def check_model_source(model: ModelSettings) -> None:
     if path.is_dir():
         family = detect_family(path, model.model_id)
         logger.info("model %r: %s detected in %s", model.name, family, path)
-    elif model.model_id.startswith(("/", ".", "~")):
+    elif is_local_path(model.model_id):
         raise ModelLoadError(model.model_id, f"model {model.name!r}: no such local directory {str(path)!r}")
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, field_validator, model_validator
 
 from models.families import FAMILIES
+from models.hub import is_local_path
 
 DEFAULT_MODEL_ID = "cross-encoder/ettin-reranker-17m-v1"
 API_KEY_ENV = "RERANK_API_KEY"
@@ -222,8 +223,7 @@ def default_model_name(model_id: str) -> str:
     Decided from the string alone: settings are validated on the machine that builds the app, which
     need not be the one that holds the model.
     """
-    is_path = model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
-    return Path(model_id.rstrip("/")).name if is_path else model_id
+    return Path(model_id.rstrip("/")).name if is_local_path(model_id) else model_id
 
 
 def deployment_name(model_name: str) -> str:

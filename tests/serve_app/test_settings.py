@@ -6,6 +6,7 @@ from pydantic import ValidationError
 from ray.serve import Application
 
 from models.errors import ModelLoadError
+from models.hub import resolve_model_dir
 from serve_app import AppSettings, ModelSettings, build_app, deployment_options
 from serve_app.builder import check_model_source, ingress_options
 from serve_app.settings import DEFAULT_MODEL_ID, deployment_name
@@ -229,6 +230,18 @@ def test_build_app_fails_fast_on_a_missing_local_model(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(ModelLoadError, match="nowhere"):
         build_app({"models": [{"name": "gone", "model_id": str(missing)}]})
+
+
+@pytest.mark.parametrize("model_id", ["models/rerankers/missing", "./missing", "~/missing-model"])
+def test_every_layer_takes_the_same_ids_for_local_paths(model_id):
+    # One rule (models.hub.is_local_path): named by the last component, rejected at build when missing,
+    # and never sent to the Hub.
+    model = ModelSettings(model_id=model_id)
+    assert model.name == model_id.rsplit("/", 1)[-1]
+    with pytest.raises(ModelLoadError, match="no such local directory"):
+        check_model_source(model)
+    with pytest.raises(ModelLoadError, match="no such local directory"):
+        resolve_model_dir(model_id)
 
 
 def test_build_app_fails_fast_on_an_unsupported_local_model(tmp_path):
