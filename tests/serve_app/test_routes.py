@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from deployments.errors import map_ray_exception
 from serve_app.routes import create_http_app
 from serve_app.service import RerankService
 from serve_app.settings import AppSettings
@@ -34,7 +35,9 @@ def make(*, api_key=None, max_candidates=1000, max_body_bytes=4 * 1024 * 1024, b
                                     default_instruction="find it")}
     backends = {"bert": bert_backend or FakeBackend(TABLE), "qwen": qwen_backend or FakeBackend({"paris": 5.0})}
     service = RerankService(settings, encoders, backends)
-    return TestClient(create_http_app(service, request_id=lambda: "req-1"), raise_server_exceptions=False), \
+    # The ingress's error mapping, so Ray's exceptions raised by a backend are mapped as in a replica.
+    app = create_http_app(service, request_id=lambda: "req-1", map_error=map_ray_exception)
+    return TestClient(app, raise_server_exceptions=False), \
         service
 
 
