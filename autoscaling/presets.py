@@ -1,6 +1,8 @@
 """Per-model autoscaling presets, derived from the model's size and the hardware it runs on.
 
-Pure code (no Ray import): ``autoscaling_options(...)`` returns the keyword arguments for a model
+Pure code (no Ray import at module level): ``AutoscalingSettings`` is what a model's ``autoscaling_config``
+may say (one pydantic model: unknown keys rejected, Ray's field list read from Ray itself);
+``autoscaling_options(...)`` returns the keyword arguments for a model
 deployment's ``.options(...)``: its ``autoscaling_config`` (with the work-based policy of
 ``autoscaling.policy``), ``max_ongoing_requests`` and ``graceful_shutdown_timeout_s``.
 
@@ -17,21 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 POLICY_FUNCTION = "autoscaling.policy:WorkPolicy"
-
-# The fields of ray.serve.config.AutoscalingConfig in Ray 2.60 (a test keeps this in step with Ray).
-# Ray silently DROPS keys it does not know; we reject them instead, so a typo never goes unnoticed.
-RAY_AUTOSCALING_FIELDS = frozenset({
-    "min_replicas", "initial_replicas", "max_replicas", "target_ongoing_requests", "metrics_interval_s",
-    "look_back_period_s", "smoothing_factor", "upscale_smoothing_factor", "downscale_smoothing_factor",
-    "upscaling_factor", "downscaling_factor", "downscale_delay_s", "downscale_to_zero_delay_s",
-    "upscale_delay_s", "aggregation_function", "policy",
-})
-# Our own keys: which work to scale on and how much of it one replica should hold.
-POLICY_FIELDS = frozenset({"metric", "target_work_per_replica", "target_budgets_per_replica"})
-
 
 @dataclass(frozen=True)
 class SizeClass:
@@ -80,6 +72,88 @@ DEFAULT_PRESET = "balanced"
 PRESET_NAMES = (*PRESETS, FIXED)
 
 
+# Our own keys: which work to scale on and how much of it one replica should hold.
+POLICY_FIELDS = frozenset({"metric", "target_work_per_replica", "target_budgets_per_replica"})
+
+
+def ray_autoscaling_fields() -> frozenset[str]:
+    """The fields of Ray's ``AutoscalingConfig`` (imported when first needed: this module has no Ray at import)."""
+    from ray.serve.config import AutoscalingConfig
+
+    return frozenset(AutoscalingConfig.model_fields)
+
+
+PositiveNumber = Annotated[float, Field(gt=0, strict=True)]  # strict: no "2" or true for a number
+
+
+class AutoscalingSettings(BaseModel):
+    """A model's ``autoscaling_config``: a preset, our policy's settings, and overrides of Ray's fields.
+
+    Any field of Ray's ``AutoscalingConfig`` (min_replicas, max_replicas, upscale_delay_s, policy, ...) is
+    accepted as an override and checked by Ray once merged with the preset; any other key is an error (Ray
+    itself would drop it silently, so a typo would go unnoticed).
+    """
+
+    model_config = ConfigDict(extra="allow")  # the extras: Ray's own fields, checked in _check
+
+    preset: str | None = Field(default=None, description=f"one of {', '.join(PRESET_NAMES)}; default "
+                                                         f"{DEFAULT_PRESET}")
+    metric: str = Field(default="tokens", description="the work scaled on: 'tokens' or 'pairs'")
+    target_work_per_replica: PositiveNumber | None = Field(
+        default=None, description="work one replica should hold, in the metric's unit")
+    target_budgets_per_replica: PositiveNumber | None = Field(
+        default=None, description="work one replica should hold, in token budgets (default: the preset's)")
+    num_replicas: Annotated[int, Field(ge=1, strict=True)] | None = Field(
+        default=None, description="with preset 'fixed' only: the replica count (default 1)")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRESET_NAMES:
+            raise ValueError(f"unknown autoscaling preset {v!r}; choose one of {', '.join(PRESET_NAMES)}")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in ("tokens", "pairs"):
+            raise ValueError(f"metric must be 'tokens' or 'pairs', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingSettings":
+        given = self.model_fields_set
+        if self.preset == FIXED:
+            others = given - {"preset", "num_replicas"}
+            if others:
+                raise ValueError(f"preset 'fixed' takes only num_replicas, not {sorted(others)}")
+            return self
+        if "num_replicas" in given:
+            raise ValueError("num_replicas (a fixed count) goes with preset 'fixed' only; autoscaling presets "
+                             "take min_replicas / max_replicas")
+        ray_fields = ray_autoscaling_fields()
+        unknown = set(self.model_extra or {}) - ray_fields
+        if unknown:
+            raise ValueError(f"unknown autoscaling setting(s) {sorted(unknown)}; allowed: preset, "
+                             f"{', '.join(sorted(ray_fields | POLICY_FIELDS))}")
+        if self.target_work_per_replica is not None and self.target_budgets_per_replica is not None:
+            raise ValueError("give target_work_per_replica or target_budgets_per_replica, not both")
+        if self.metric == "pairs" and self.target_work_per_replica is None:
+            # A budget is counted in tokens; how many pairs fill it depends on the traffic: ask for it.
+            raise ValueError("metric 'pairs' needs target_work_per_replica (pairs one replica should hold)")
+        return self
+
+    @property
+    def ray_overrides(self) -> dict[str, Any]:
+        """The fields of Ray's AutoscalingConfig given here, as given."""
+        return dict(self.model_extra or {})
+
+    def given(self) -> dict[str, Any]:
+        """The settings as written (only the keys given): for /info and logs."""
+        return self.model_dump(exclude_unset=True)
+
+
+
 def size_class(num_parameters: int | None) -> SizeClass:
     """The size class of a model of ``num_parameters`` parameters (None: unknown -> "small")."""
     if num_parameters is None:
@@ -88,7 +162,8 @@ def size_class(num_parameters: int | None) -> SizeClass:
 
 
 def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: float,
-                        preset: str | None = None, overrides: Mapping[str, Any] | None = None,
+                        preset: str | None = None,
+                        overrides: AutoscalingSettings | Mapping[str, Any] | None = None,
                         token_budget: int | None = None,
                         max_ongoing_requests: int | None = None,
                         max_queued_requests: int | None = None) -> dict[str, Any]:
@@ -108,7 +183,8 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
             ("tokens" | "pairs"), ``target_work_per_replica`` (in that unit) or
             ``target_budgets_per_replica`` (in token budgets), and ``preset`` (wins over the argument,
             so one YAML dict can carry both). With "fixed": only ``num_replicas`` (default 1).
-            Unknown keys raise ValueError (Ray itself would drop them silently).
+            Validated as ``AutoscalingSettings``: unknown keys raise ValueError (pydantic's
+            ValidationError; Ray itself would drop them silently).
         token_budget: the tokens one batch of this model may hold (the serving layer's batching budget).
             None when it is only resolved in the replica: the policy's target is then kept in budgets
             and each replica reports its budget (``WorkTracker(token_budget=...)``).
@@ -138,32 +214,22 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
         raise ValueError(f"token_budget must be a positive int or None, got {token_budget!r}")
     if num_gpus < 0:
         raise ValueError(f"num_gpus must be >= 0, got {num_gpus!r}")
-    settings = dict(overrides or {})
-    name = settings.pop("preset", None) or preset or DEFAULT_PRESET
-    if name not in PRESET_NAMES:
-        raise ValueError(f"unknown autoscaling preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    given = overrides.given() if isinstance(overrides, AutoscalingSettings) else dict(overrides or {})
+    if preset is not None and not given.get("preset"):
+        given["preset"] = preset  # the settings' own preset wins
+    settings = AutoscalingSettings.model_validate(given)
+    name = settings.preset or DEFAULT_PRESET
     size = size_class(num_parameters)
     on_gpu = num_gpus > 0 or device.startswith("cuda")
 
     if name == FIXED:
-        unknown = set(settings) - {"num_replicas"}
-        if unknown:
-            raise ValueError(f"preset 'fixed' takes only num_replicas, not {sorted(unknown)}")
-        replicas = settings.get("num_replicas", 1)
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
-            raise ValueError(f"num_replicas must be an int >= 1, got {replicas!r}")
-        fixed = {"num_replicas": replicas,
+        fixed = {"num_replicas": settings.num_replicas or 1,
                  "max_ongoing_requests": max_ongoing_requests or PRESETS[DEFAULT_PRESET].max_ongoing_requests,
                  "graceful_shutdown_timeout_s": size.graceful_shutdown_timeout_s}
         if max_queued_requests is not None:
             fixed["max_queued_requests"] = max_queued_requests
         return fixed
 
-    unknown = set(settings) - RAY_AUTOSCALING_FIELDS - POLICY_FIELDS
-    if unknown:
-        raise ValueError(
-            f"unknown autoscaling setting(s) {sorted(unknown)}; allowed: preset, "
-            f"{', '.join(sorted(RAY_AUTOSCALING_FIELDS | POLICY_FIELDS))}")
     p = PRESETS[name]
     ongoing = max_ongoing_requests or p.max_ongoing_requests
     if on_gpu and num_gpus > 0:
@@ -183,9 +249,10 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
     if p.initial_replicas is not None:
         config["initial_replicas"] = p.initial_replicas
     policy_kwargs = _policy_kwargs(settings, p, token_budget)
-    config.update({k: v for k, v in settings.items() if k in RAY_AUTOSCALING_FIELDS})
+    ray_given = settings.ray_overrides
+    config.update(ray_given)
     # An explicit floor above the preset's cap lifts the cap, rather than failing Ray's min <= max check.
-    if "max_replicas" not in settings:
+    if "max_replicas" not in ray_given:
         config["max_replicas"] = max(config["max_replicas"], config["min_replicas"],
                                      config.get("initial_replicas") or 0)
     if config["min_replicas"] == 0:
@@ -203,23 +270,11 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
     return options
 
 
-def _policy_kwargs(settings: dict[str, Any], p: Preset, token_budget: int | None) -> dict[str, Any]:
-    metric = settings.get("metric", "tokens")
-    if metric not in ("tokens", "pairs"):
-        raise ValueError(f"metric must be 'tokens' or 'pairs', got {metric!r}")
-    if "target_work_per_replica" in settings and "target_budgets_per_replica" in settings:
-        raise ValueError("give target_work_per_replica or target_budgets_per_replica, not both")
-    if "target_work_per_replica" in settings:
-        target = settings["target_work_per_replica"]
-        if not isinstance(target, (int, float)) or isinstance(target, bool) or not target > 0:
-            raise ValueError(f"target_work_per_replica must be a number > 0, got {target!r}")
-        return {"metric": metric, "target_per_replica": float(target)}
-    if metric == "pairs":
-        # A budget is counted in tokens; how many pairs fill it depends on the traffic: ask for it.
-        raise ValueError("metric 'pairs' needs target_work_per_replica (pairs one replica should hold)")
-    budgets = settings.get("target_budgets_per_replica", p.target_budgets)
-    if not isinstance(budgets, (int, float)) or isinstance(budgets, bool) or not budgets > 0:
-        raise ValueError(f"target_budgets_per_replica must be a number > 0, got {budgets!r}")
+def _policy_kwargs(settings: AutoscalingSettings, p: Preset, token_budget: int | None) -> dict[str, Any]:
+    """The WorkPolicy's arguments (settings already validated by AutoscalingSettings)."""
+    if settings.target_work_per_replica is not None:
+        return {"metric": settings.metric, "target_per_replica": float(settings.target_work_per_replica)}
+    budgets = settings.target_budgets_per_replica or p.target_budgets
     if token_budget is None:
-        return {"metric": metric, "target_budgets_per_replica": float(budgets)}
-    return {"metric": metric, "target_per_replica": float(budgets) * token_budget}
+        return {"metric": settings.metric, "target_budgets_per_replica": float(budgets)}
+    return {"metric": settings.metric, "target_per_replica": float(budgets) * token_budget}

@@ -74,11 +74,10 @@ def model_sizes(models: list[ModelSettings], hf_token: str | None = None) -> dic
 
 def model_autoscaling_options(model: ModelSettings, num_parameters: int | None) -> dict[str, Any]:
     """The preset's options for an autoscaling model of `num_parameters` parameters (None: unknown)."""
-    config = dict(model.autoscaling_config or {})
     explicit = model.model_fields_set
     options = autoscaling_options(
         num_parameters=num_parameters, device=model.resolved_device, num_gpus=model.num_gpus,
-        preset=config.pop("preset", None), overrides=config, token_budget=model.token_budget,
+        overrides=model.autoscaling_config, token_budget=model.token_budget,
         max_ongoing_requests=model.max_ongoing_requests if "max_ongoing_requests" in explicit else None,
         max_queued_requests=model.max_queued_requests if "max_queued_requests" in explicit else None)
     scaling = options.get("autoscaling_config")

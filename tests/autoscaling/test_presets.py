@@ -10,7 +10,7 @@ import pytest
 from ray.serve.config import AutoscalingConfig
 
 from autoscaling.presets import (
-    POLICY_FUNCTION, PRESET_NAMES, RAY_AUTOSCALING_FIELDS, autoscaling_options, size_class,
+    POLICY_FUNCTION, PRESET_NAMES, AutoscalingSettings, autoscaling_options, size_class,
 )
 
 M17, M150, M600, B8 = 17_000_000, 150_000_000, 596_000_000, 8_190_000_000
@@ -26,9 +26,13 @@ def ray_config(options) -> AutoscalingConfig:
     return AutoscalingConfig(**options["autoscaling_config"])
 
 
-def test_our_list_of_ray_fields_is_ray_2_60s():
-    # Unknown keys are rejected against this list; if Ray adds or renames a field, update it.
-    assert RAY_AUTOSCALING_FIELDS == set(AutoscalingConfig.model_fields)
+def test_every_field_of_rays_config_is_accepted_and_nothing_else():
+    # The field list is Ray's own (AutoscalingConfig.model_fields), so a Ray upgrade cannot leave it stale.
+    defaults = AutoscalingConfig()
+    given = {name: getattr(defaults, name) for name in AutoscalingConfig.model_fields}
+    assert AutoscalingSettings.model_validate(given).ray_overrides == given
+    with pytest.raises(ValueError, match="min_replica"):
+        AutoscalingSettings.model_validate({"min_replica": 1})
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESET_NAMES if p != "fixed"])
@@ -114,6 +118,8 @@ def test_fixed_preset_gives_plain_replicas():
     ("balanced", {"metric": "requests"}, "metric"),
     ("balanced", {"target_work_per_replica": 0}, "target_work_per_replica"),
     ("balanced", {"target_work_per_replica": 5, "target_budgets_per_replica": 1}, "not both"),
+    ("balanced", {"num_replicas": 2}, "preset 'fixed' only"),
+    ("balanced", {"target_budgets_per_replica": "2"}, "target_budgets_per_replica"),  # no strings for numbers
 ])
 def test_bad_settings_fail_with_a_message_naming_them(preset, overrides, match):
     with pytest.raises(ValueError, match=match):

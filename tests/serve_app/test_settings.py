@@ -156,6 +156,12 @@ def test_bad_autoscaling_is_rejected_at_validation_naming_the_model(scaling, fra
     assert fragment in str(e.value) and "model 'm1': invalid autoscaling_config" in str(e.value)
 
 
+def test_autoscaling_config_is_kept_as_written():
+    m = ModelSettings(model_id="x/a", autoscaling_config={"preset": "latency", "min_replicas": 2})
+    assert m.autoscaling_config.preset == "latency" and m.autoscaling_config.ray_overrides == {"min_replicas": 2}
+    assert m.autoscaling_config.given() == {"preset": "latency", "min_replicas": 2}  # what /info shows
+
+
 def test_bad_ingress_autoscaling_is_rejected():
     with pytest.raises(ValidationError, match="max_replica"):
         AppSettings(ingress={"autoscaling_config": {"max_replica": 3}})
