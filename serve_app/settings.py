@@ -191,6 +191,25 @@ class AppSettings(BaseModel):
     max_candidates: PositiveInt = 1000
     ingress: IngressSettings = Field(default_factory=IngressSettings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_model_shorthand(cls, data: Any) -> Any:
+        """`model_id=...` (and any other model field) at the top level: serve that one model.
+
+        What `serve run serve_app:build_app model_id=BAAI/bge-reranker-v2-m3 num_gpus=1` passes (Ray hands
+        the builder its key=value pairs as a dict of strings; pydantic converts "1" where a number is due).
+        """
+        if not isinstance(data, dict):
+            return data
+        shorthand = {k: v for k, v in data.items() if k in ModelSettings.model_fields}
+        if not shorthand:
+            return data
+        if "models" in data:
+            raise ValueError(f"give either `models` or the one-model shorthand ({', '.join(sorted(shorthand))} at "
+                             "the top level), not both")
+        rest = {k: v for k, v in data.items() if k not in shorthand}
+        return {**rest, "models": [{"model_id": DEFAULT_MODEL_ID, **shorthand}]}
+
     @field_validator("api_key", "hf_token", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:

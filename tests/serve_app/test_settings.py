@@ -254,3 +254,46 @@ def test_build_app_fails_fast_on_an_unsupported_local_model(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(ModelLoadError, match="unsupported architecture"):
         check_model_source(ModelSettings(name="gpt", model_id=str(tmp_path)))
+
+
+# --- `serve run serve_app:build_app model_id=...`: one model from the command line ------------------------------
+
+def test_one_model_shorthand_from_the_strings_ray_passes():
+    # `serve run` hands the builder its key=value pairs as a dict of strings.
+    settings = AppSettings.model_validate({"model_id": "BAAI/bge-reranker-v2-m3", "num_gpus": "1",
+                                           "max_length": "512", "dtype": "float16", "family": "seq_cls",
+                                           "num_replicas": "auto", "max_candidates": "200"})
+    (model,) = settings.models
+    assert (model.name, model.model_id) == ("BAAI/bge-reranker-v2-m3", "BAAI/bge-reranker-v2-m3")
+    assert (model.num_gpus, model.max_length, model.dtype, model.family) == (1.0, 512, "float16", "seq_cls")
+    assert model.resolved_device == "cuda" and model.autoscales and settings.max_candidates == 200
+    assert settings.default_model == "BAAI/bge-reranker-v2-m3"
+    # Everything not given keeps the defaults of a model in `models`.
+    plain = AppSettings.model_validate({"model_id": "BAAI/bge-reranker-v2-m3"})
+    assert plain.models == [ModelSettings(model_id="BAAI/bge-reranker-v2-m3")]
+    # A model field without model_id applies to the default model.
+    assert AppSettings.model_validate({"num_replicas": "2"}).models[0].model_id == DEFAULT_MODEL_ID
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"model_id": "x/a", "models": [{"model_id": "x/b"}]}, "not both"),
+    ({"model_id": "x/a", "num_gpus": "lots"}, "num_gpus"),
+    ({"model_id": "x/a", "max_lenght": "512"}, "max_lenght"),  # a typo is still an error
+])
+def test_one_model_shorthand_rejects_bad_args(raw, fragment):
+    with pytest.raises(ValidationError) as e:
+        AppSettings.model_validate(raw)
+    assert fragment in str(e.value)
+
+
+def test_serve_run_key_value_args_build_the_one_model_app():
+    """Ray's own `serve run` path: its CLI arg parsing, then its call of a pydantic-annotated builder."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.scripts import convert_args_to_dict
+
+    args = convert_args_to_dict(("model_id=BAAI/bge-reranker-v2-m3", "max_length=512", "num_gpus=0.5"))
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    settings, handles = app._bound_deployment.init_args
+    assert list(handles) == ["BAAI/bge-reranker-v2-m3"] and settings.models[0].max_length == 512
+    (handle,) = handles.values()
+    assert handle._bound_deployment.ray_actor_options["num_gpus"] == 0.5
