@@ -29,7 +29,7 @@ from autoscaling.presets import (
 from autoscaling.work import WorkTracker
 
 __all__ = [
-    "AutoscalingSettings", "DEFAULT_PRESET", "Decision", "METRIC_KEYS", "POLICY_FUNCTION", "PRESETS", "PRESET_NAMES", "WORK_PAIRS",
-    "WORK_REQUESTS", "WORK_TOKENS", "WorkPolicy", "WorkSignal", "WorkTarget", "WorkTracker",
+    "AutoscalingSettings", "DEFAULT_PRESET", "Decision", "METRIC_KEYS", "POLICY_FUNCTION", "PRESETS",
+    "PRESET_NAMES", "WORK_PAIRS", "WORK_REQUESTS", "WORK_TOKENS", "WorkPolicy", "WorkSignal", "WorkTarget", "WorkTracker",
     "autoscaling_options", "desired_replicas", "size_class",
 ]
