@@ -1,6 +1,8 @@
 """Per-model autoscaling presets, derived from the model's size and the hardware it runs on.
 
-Pure code (no Ray import): ``autoscaling_options(...)`` returns the keyword arguments for a model
+Pure code (no Ray import at module level): ``AutoscalingSettings`` is what a model's ``autoscaling_config``
+may say (one pydantic model: unknown keys rejected, Ray's field list read from Ray itself);
+``autoscaling_options(...)`` returns the keyword arguments for a model
 deployment's ``.options(...)``: its ``autoscaling_config`` (with the work-based policy of
 ``autoscaling.policy``), ``max_ongoing_requests`` and ``graceful_shutdown_timeout_s``.
 
@@ -15,27 +17,13 @@ full batches over latency (throughput).
 """
 from __future__ import annotations
 
-import json
 import math
-import struct
-import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 POLICY_FUNCTION = "autoscaling.policy:WorkPolicy"
-
-# The fields of ray.serve.config.AutoscalingConfig in Ray 2.60 (a test keeps this in step with Ray).
-# Ray silently DROPS keys it does not know; we reject them instead, so a typo never goes unnoticed.
-RAY_AUTOSCALING_FIELDS = frozenset({
-    "min_replicas", "initial_replicas", "max_replicas", "target_ongoing_requests", "metrics_interval_s",
-    "look_back_period_s", "smoothing_factor", "upscale_smoothing_factor", "downscale_smoothing_factor",
-    "upscaling_factor", "downscaling_factor", "downscale_delay_s", "downscale_to_zero_delay_s",
-    "upscale_delay_s", "aggregation_function", "policy",
-})
-# Our own keys: which work to scale on and how much of it one replica should hold.
-POLICY_FIELDS = frozenset({"metric", "target_work_per_replica", "target_budgets_per_replica"})
-
 
 @dataclass(frozen=True)
 class SizeClass:
@@ -84,6 +72,88 @@ DEFAULT_PRESET = "balanced"
 PRESET_NAMES = (*PRESETS, FIXED)
 
 
+# Our own keys: which work to scale on and how much of it one replica should hold.
+POLICY_FIELDS = frozenset({"metric", "target_work_per_replica", "target_budgets_per_replica"})
+
+
+def ray_autoscaling_fields() -> frozenset[str]:
+    """The fields of Ray's ``AutoscalingConfig`` (imported when first needed: this module has no Ray at import)."""
+    from ray.serve.config import AutoscalingConfig
+
+    return frozenset(AutoscalingConfig.model_fields)
+
+
+PositiveNumber = Annotated[float, Field(gt=0, strict=True)]  # strict: no "2" or true for a number
+
+
+class AutoscalingSettings(BaseModel):
+    """A model's ``autoscaling_config``: a preset, our policy's settings, and overrides of Ray's fields.
+
+    Any field of Ray's ``AutoscalingConfig`` (min_replicas, max_replicas, upscale_delay_s, policy, ...) is
+    accepted as an override and checked by Ray once merged with the preset; any other key is an error (Ray
+    itself would drop it silently, so a typo would go unnoticed).
+    """
+
+    model_config = ConfigDict(extra="allow")  # the extras: Ray's own fields, checked in _check
+
+    preset: str | None = Field(default=None, description=f"one of {', '.join(PRESET_NAMES)}; default "
+                                                         f"{DEFAULT_PRESET}")
+    metric: str = Field(default="tokens", description="the work scaled on: 'tokens' or 'pairs'")
+    target_work_per_replica: PositiveNumber | None = Field(
+        default=None, description="work one replica should hold, in the metric's unit")
+    target_budgets_per_replica: PositiveNumber | None = Field(
+        default=None, description="work one replica should hold, in token budgets (default: the preset's)")
+    num_replicas: Annotated[int, Field(ge=1, strict=True)] | None = Field(
+        default=None, description="with preset 'fixed' only: the replica count (default 1)")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRESET_NAMES:
+            raise ValueError(f"unknown autoscaling preset {v!r}; choose one of {', '.join(PRESET_NAMES)}")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in ("tokens", "pairs"):
+            raise ValueError(f"metric must be 'tokens' or 'pairs', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingSettings":
+        given = self.model_fields_set
+        if self.preset == FIXED:
+            others = given - {"preset", "num_replicas"}
+            if others:
+                raise ValueError(f"preset 'fixed' takes only num_replicas, not {sorted(others)}")
+            return self
+        if "num_replicas" in given:
+            raise ValueError("num_replicas (a fixed count) goes with preset 'fixed' only; autoscaling presets "
+                             "take min_replicas / max_replicas")
+        ray_fields = ray_autoscaling_fields()
+        unknown = set(self.model_extra or {}) - ray_fields
+        if unknown:
+            raise ValueError(f"unknown autoscaling setting(s) {sorted(unknown)}; allowed: preset, "
+                             f"{', '.join(sorted(ray_fields | POLICY_FIELDS))}")
+        if self.target_work_per_replica is not None and self.target_budgets_per_replica is not None:
+            raise ValueError("give target_work_per_replica or target_budgets_per_replica, not both")
+        if self.metric == "pairs" and self.target_work_per_replica is None:
+            # A budget is counted in tokens; how many pairs fill it depends on the traffic: ask for it.
+            raise ValueError("metric 'pairs' needs target_work_per_replica (pairs one replica should hold)")
+        return self
+
+    @property
+    def ray_overrides(self) -> dict[str, Any]:
+        """The fields of Ray's AutoscalingConfig given here, as given."""
+        return dict(self.model_extra or {})
+
+    def given(self) -> dict[str, Any]:
+        """The settings as written (only the keys given): for /info and logs."""
+        return self.model_dump(exclude_unset=True)
+
+
+
 def size_class(num_parameters: int | None) -> SizeClass:
     """The size class of a model of ``num_parameters`` parameters (None: unknown -> "small")."""
     if num_parameters is None:
@@ -92,14 +162,15 @@ def size_class(num_parameters: int | None) -> SizeClass:
 
 
 def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: float,
-                        preset: str | None = None, overrides: Mapping[str, Any] | None = None,
+                        preset: str | None = None,
+                        overrides: AutoscalingSettings | Mapping[str, Any] | None = None,
                         token_budget: int | None = None,
                         max_ongoing_requests: int | None = None,
                         max_queued_requests: int | None = None) -> dict[str, Any]:
     """The Ray deployment options that make one model deployment scale on its work.
 
     Args:
-        num_parameters: the model's parameter count (``count_parameters``); None = unknown ("small").
+        num_parameters: the model's parameter count (``models.hub.count_parameters``); None = unknown ("small").
         device: the model's device setting ("cpu", "cuda", "cuda:0", "auto"); with ``num_gpus`` it
             decides GPU vs CPU defaults (GPU when ``num_gpus > 0`` or the device is CUDA).
         num_gpus: the replica's GPU share (0.25 = a quarter GPU); caps ``max_replicas`` at
@@ -112,7 +183,8 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
             ("tokens" | "pairs"), ``target_work_per_replica`` (in that unit) or
             ``target_budgets_per_replica`` (in token budgets), and ``preset`` (wins over the argument,
             so one YAML dict can carry both). With "fixed": only ``num_replicas`` (default 1).
-            Unknown keys raise ValueError (Ray itself would drop them silently).
+            Validated as ``AutoscalingSettings``: unknown keys raise ValueError (pydantic's
+            ValidationError; Ray itself would drop them silently).
         token_budget: the tokens one batch of this model may hold (the serving layer's batching budget).
             None when it is only resolved in the replica: the policy's target is then kept in budgets
             and each replica reports its budget (``WorkTracker(token_budget=...)``).
@@ -142,32 +214,22 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
         raise ValueError(f"token_budget must be a positive int or None, got {token_budget!r}")
     if num_gpus < 0:
         raise ValueError(f"num_gpus must be >= 0, got {num_gpus!r}")
-    settings = dict(overrides or {})
-    name = settings.pop("preset", None) or preset or DEFAULT_PRESET
-    if name not in PRESET_NAMES:
-        raise ValueError(f"unknown autoscaling preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    given = overrides.given() if isinstance(overrides, AutoscalingSettings) else dict(overrides or {})
+    if preset is not None and not given.get("preset"):
+        given["preset"] = preset  # the settings' own preset wins
+    settings = AutoscalingSettings.model_validate(given)
+    name = settings.preset or DEFAULT_PRESET
     size = size_class(num_parameters)
     on_gpu = num_gpus > 0 or device.startswith("cuda")
 
     if name == FIXED:
-        unknown = set(settings) - {"num_replicas"}
-        if unknown:
-            raise ValueError(f"preset 'fixed' takes only num_replicas, not {sorted(unknown)}")
-        replicas = settings.get("num_replicas", 1)
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
-            raise ValueError(f"num_replicas must be an int >= 1, got {replicas!r}")
-        fixed = {"num_replicas": replicas,
+        fixed = {"num_replicas": settings.num_replicas or 1,
                  "max_ongoing_requests": max_ongoing_requests or PRESETS[DEFAULT_PRESET].max_ongoing_requests,
                  "graceful_shutdown_timeout_s": size.graceful_shutdown_timeout_s}
         if max_queued_requests is not None:
             fixed["max_queued_requests"] = max_queued_requests
         return fixed
 
-    unknown = set(settings) - RAY_AUTOSCALING_FIELDS - POLICY_FIELDS
-    if unknown:
-        raise ValueError(
-            f"unknown autoscaling setting(s) {sorted(unknown)}; allowed: preset, "
-            f"{', '.join(sorted(RAY_AUTOSCALING_FIELDS | POLICY_FIELDS))}")
     p = PRESETS[name]
     ongoing = max_ongoing_requests or p.max_ongoing_requests
     if on_gpu and num_gpus > 0:
@@ -187,9 +249,10 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
     if p.initial_replicas is not None:
         config["initial_replicas"] = p.initial_replicas
     policy_kwargs = _policy_kwargs(settings, p, token_budget)
-    config.update({k: v for k, v in settings.items() if k in RAY_AUTOSCALING_FIELDS})
+    ray_given = settings.ray_overrides
+    config.update(ray_given)
     # An explicit floor above the preset's cap lifts the cap, rather than failing Ray's min <= max check.
-    if "max_replicas" not in settings:
+    if "max_replicas" not in ray_given:
         config["max_replicas"] = max(config["max_replicas"], config["min_replicas"],
                                      config.get("initial_replicas") or 0)
     if config["min_replicas"] == 0:
@@ -207,100 +270,11 @@ def autoscaling_options(*, num_parameters: int | None, device: str, num_gpus: fl
     return options
 
 
-def _policy_kwargs(settings: dict[str, Any], p: Preset, token_budget: int | None) -> dict[str, Any]:
-    metric = settings.get("metric", "tokens")
-    if metric not in ("tokens", "pairs"):
-        raise ValueError(f"metric must be 'tokens' or 'pairs', got {metric!r}")
-    if "target_work_per_replica" in settings and "target_budgets_per_replica" in settings:
-        raise ValueError("give target_work_per_replica or target_budgets_per_replica, not both")
-    if "target_work_per_replica" in settings:
-        target = settings["target_work_per_replica"]
-        if not isinstance(target, (int, float)) or isinstance(target, bool) or not target > 0:
-            raise ValueError(f"target_work_per_replica must be a number > 0, got {target!r}")
-        return {"metric": metric, "target_per_replica": float(target)}
-    if metric == "pairs":
-        # A budget is counted in tokens; how many pairs fill it depends on the traffic: ask for it.
-        raise ValueError("metric 'pairs' needs target_work_per_replica (pairs one replica should hold)")
-    budgets = settings.get("target_budgets_per_replica", p.target_budgets)
-    if not isinstance(budgets, (int, float)) or isinstance(budgets, bool) or not budgets > 0:
-        raise ValueError(f"target_budgets_per_replica must be a number > 0, got {budgets!r}")
+def _policy_kwargs(settings: AutoscalingSettings, p: Preset, token_budget: int | None) -> dict[str, Any]:
+    """The WorkPolicy's arguments (settings already validated by AutoscalingSettings)."""
+    if settings.target_work_per_replica is not None:
+        return {"metric": settings.metric, "target_per_replica": float(settings.target_work_per_replica)}
+    budgets = settings.target_budgets_per_replica or p.target_budgets
     if token_budget is None:
-        return {"metric": metric, "target_budgets_per_replica": float(budgets)}
-    return {"metric": metric, "target_per_replica": float(budgets) * token_budget}
-
-
-def count_parameters(model: str | Path, revision: str | None = None, token: str | None = None,
-                     timeout_s: float = 5.0) -> int | None:
-    """The parameter count of a model, read from its safetensors headers only (no weights loaded).
-
-    ``model`` is a local directory (every ``*.safetensors`` under it, sub-modules such as
-    ``1_Dense/`` included) or a Hub id: first the local Hugging Face cache (no network), else the Hub's
-    header requests (``huggingface_hub.get_safetensors_metadata``), given at most ``timeout_s`` in all.
-    Returns None when it cannot be found (no safetensors, no network, too slow, any error): presets
-    then use "small". Never raises, so sizing can never fail or stall an app build.
-    """
-    try:
-        path = Path(model).expanduser()
-        if path.is_dir():
-            return _count_dir(path)
-        cached = _cached_snapshot(str(model), revision)
-        if cached is not None:
-            return cached
-        return _bounded(lambda: _count_on_hub(str(model), revision, token, timeout_s), timeout_s)
-    except Exception:  # noqa: BLE001 - any failure just means "unknown size"
-        return None
-
-
-def _count_dir(path: Path) -> int | None:
-    files = sorted(path.rglob("*.safetensors"))
-    return sum(_safetensors_count(f) for f in files) if files else None
-
-
-def _cached_snapshot(repo_id: str, revision: str | None) -> int | None:
-    """The count from a complete cached snapshot (e.g. on a node that served the model before)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        root = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (or not a valid id): ask the Hub
-        return None
-    for index in root.rglob("*.safetensors.index.json"):  # a sharded checkpoint: every shard present?
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        if not all((index.parent / shard).is_file() for shard in shards):
-            return None
-    return _count_dir(root)
-
-
-def _count_on_hub(repo_id: str, revision: str | None, token: str | None, timeout_s: float) -> int:
-    from huggingface_hub import get_safetensors_metadata
-
-    metadata = get_safetensors_metadata(repo_id, revision=revision, token=token, timeout=timeout_s)
-    return int(sum(metadata.parameter_count.values()))
-
-
-def _bounded(fn: Callable[[], int], timeout_s: float) -> int | None:
-    """``fn()`` in a daemon thread, None if it fails or has not returned within ``timeout_s``.
-
-    The Hub timeout is per request and a lookup makes several; a daemon thread left behind by an
-    unresponsive network never holds up the build (nor the interpreter's exit).
-    """
-    result: list[int] = []
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except Exception:  # noqa: BLE001 - no network, no such repo, no safetensors: "unknown"
-            pass
-
-    worker = threading.Thread(target=run, name="count-parameters", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    return result[0] if result else None
-
-
-def _safetensors_count(file: Path) -> int:
-    # Layout: 8-byte little-endian header length, then a JSON header {name: {dtype, shape, offsets}}.
-    with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+        return {"metric": settings.metric, "target_budgets_per_replica": float(budgets)}
+    return {"metric": settings.metric, "target_per_replica": float(budgets) * token_budget}

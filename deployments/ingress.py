@@ -14,6 +14,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.errors import map_ray_exception
 from models.encoded import EncodedBatch
 from serve_app.routes import create_http_app
 from serve_app.schemas import ApiError
@@ -114,4 +115,4 @@ class Ingress:
         self.service = RerankService(settings, encoders, backends)
 
     def __serve_build_asgi_app__(self):
-        return create_http_app(self.service, request_id=_serve_request_id)
+        return create_http_app(self.service, request_id=_serve_request_id, map_error=map_ray_exception)

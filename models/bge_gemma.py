@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .causal import CausalLMScorer, cut_texts, pad_token_id
 from .common import load_config, position_limit, resolve_max_length
-from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
+from .encoded import EncodedBatch
+from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, parse_direction
 from .errors import InputTooLongError, ModelLoadError, PairRequiredError
 from .families import Family
 from .scoring import Scorer
@@ -115,7 +116,7 @@ class BgeGemmaEncoder(Encoder):
                 raise InputTooLongError(f"input {i} has {len(row)} tokens with its instruction, more than the "
                                         f"model's {self.positions} positions; shorten the instruction", index=i)
             ids.append(row)
-        return flatten(ids)
+        return EncodedBatch.from_lists(ids)
 
 
 def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> BgeGemmaEncoder:

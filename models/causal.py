@@ -113,7 +113,8 @@ class CausalLMScorer:
     def load_causal_lm(self, model_id: str, weights_dir: Path, config, token_ids: Sequence[int]) -> None:
         from transformers import AutoModel
 
-        from .common import from_pretrained, packed_position_offset, torch_dtype
+        from .common import from_pretrained, torch_dtype
+        from .packing import packed_position_offset
 
         model = from_pretrained(model_id, AutoModel, weights_dir, quiet_unexpected=True, config=config,
                                 dtype=torch_dtype(self.dtype))

@@ -1,4 +1,4 @@
-"""Helpers shared by the families: config loading (with the ModernBERT rope fix-up), the max input length
+"""Helpers shared by the families: config loading (ModernBERT's saved rope thetas honoured), the max input length
 rule of API.md 1.5, dtype/device resolution, and small file readers."""
 from __future__ import annotations
 
@@ -32,33 +32,6 @@ def read_json(model_id: str, path: Path, required: bool = True) -> dict | list |
         raise ModelLoadError(model_id, f"unreadable JSON: {e}", file=str(path)) from e
 
 
-def _fix_modernbert_rope(raw: dict) -> dict:
-    """Rewrite a saved ModernBERT config so its rope thetas survive loading under transformers 5.
-
-    Two layouts exist: `global_rope_theta`/`local_rope_theta` (transformers 4) and `layer_types` +
-    `rope_parameters` per layer type (transformers 5). transformers 5 fills any theta it does not find with
-    160000 (global) / 10000 (local) and ignores a single `rope_theta`, and rejects a flat `rope_parameters`.
-    ettin saves 160000 for both, so we read every saved value and hand transformers explicit per-type ones.
-    """
-    raw = dict(raw)
-    saved = raw.get("rope_parameters") or {}
-    per_type = {k: dict(v) for k, v in saved.items() if k in ("full_attention", "sliding_attention")}
-    flat = saved if "rope_theta" in saved else {}  # {"rope_type": ..., "rope_theta": x}: one theta for all
-    single = raw.pop("rope_theta", None) or flat.get("rope_theta")
-    theta_for = {"full_attention": raw.pop("global_rope_theta", None),
-                 "sliding_attention": raw.pop("local_rope_theta", None)}
-    if not per_type and not any(theta_for.values()) and single is None:
-        return raw  # nothing saved: transformers' defaults are the model's own defaults
-    for kind in ("full_attention", "sliding_attention"):
-        params = per_type.get(kind) or {"rope_type": flat.get("rope_type", "default")}
-        theta = params.get("rope_theta") or theta_for[kind] or single
-        if theta is not None:
-            params["rope_theta"] = float(theta)
-        per_type[kind] = params
-    raw["rope_parameters"] = per_type
-    return raw
-
-
 def load_config(model_id: str, model_dir: Path):
     """The transformers config of `model_dir`, with saved ModernBERT rope thetas honoured."""
     from transformers import AutoConfig, PretrainedConfig
@@ -67,7 +40,9 @@ def load_config(model_id: str, model_dir: Path):
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ModelLoadError(model_id, "config.json has no model_type", file=str(model_dir / "config.json"))
     if raw["model_type"] == "modernbert":
-        raw = _fix_modernbert_rope(raw)
+        from .modernbert import fix_saved_rope  # torch-heavy module: only for ModernBERT configs
+
+        raw = fix_saved_rope(raw)
     try:
         config_cls = type(AutoConfig.for_model(raw["model_type"]))
         config = config_cls.from_dict(raw)
@@ -86,21 +61,6 @@ def position_limit(config) -> int | None:
     if config.model_type in _PAD_OFFSET_POSITIONS:
         return mpe - (config.pad_token_id or 0) - 1
     return mpe
-
-
-# Base models verified to run packed (tests/models/test_attention.py, test_packed_scoring.py): their forward passes
-# position_ids and the cu_seq_lens kwargs through to transformers' AttentionInterface. Value: how the first
-# position id of a sequence is found.
-_PACKED_MODEL_TYPES = {"modernbert": "zero", "bert": "zero", "qwen3": "zero", "xlm-roberta": "pad_plus_one",
-                       "qwen2": "zero", "gemma": "zero"}
-
-
-def packed_position_offset(config) -> int | None:
-    """First position id of every packed sequence for this base model, or None when it cannot run packed."""
-    rule = _PACKED_MODEL_TYPES.get(getattr(config, "model_type", None))
-    if rule is None:
-        return None
-    return (config.pad_token_id or 0) + 1 if rule == "pad_plus_one" else 0
 
 
 def resolve_max_length(model_id: str, *, configured: int | None, file_configured: int | None,

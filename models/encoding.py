@@ -5,10 +5,8 @@ setting has its own backend copy, configured once, so concurrent calls never rec
 """
 from __future__ import annotations
 
-from itertools import chain
 from typing import Sequence
 
-import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from .encoded import EncodedBatch
@@ -33,17 +31,6 @@ def backend_copy(backend: Tokenizer, max_length: int | None, direction: str = "r
     else:
         tok.enable_truncation(max_length, stride=0, strategy="longest_first", direction=direction)
     return tok
-
-
-def flatten(ids: Sequence[list[int]], types: Sequence[list[int]] | None = None) -> EncodedBatch:
-    """An EncodedBatch from per-sequence id lists, filled straight from one flat iterator (no nested loops)."""
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
-    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
-    flat_types = None if types is None else np.fromiter(chain.from_iterable(types), dtype=np.int8, count=total)
-    return EncodedBatch(flat, offsets, flat_types)
 
 
 def check_max_tokens_per_doc(value: int | None) -> None:
@@ -168,7 +155,8 @@ class PairEncoder(Encoder):
                 raise InputTooLongError(
                     f"input {i} has {len(e.ids)} tokens, more than the model's maximum of {self.max_length}; "
                     "shorten it or send truncate=true", index=i)
-        return flatten([e.ids for e in encodings], [e.type_ids for e in encodings] if self.uses_token_types else None)
+        return EncodedBatch.from_lists([e.ids for e in encodings],
+                                       [e.type_ids for e in encodings] if self.uses_token_types else None)
 
     def _encode_cut_docs(self, inputs, tok: Tokenizer, max_doc: int, direction: str) -> list[Encoding]:
         """Each document cut to `max_doc` tokens, then paired and truncated as usual. The tokenizer encodes

@@ -1,14 +1,18 @@
-"""Turn a model id (a local directory or a Hub repo id) into a local directory, fetching only what is needed.
+"""Model files: turn a model id (a local directory or a Hub repo id) into a local directory, fetching only what
+is needed, and count a model's parameters from its safetensors headers (no weights loaded).
 
 Fails fast: the file list comes from ONE request with a short timeout and no retries, so a missing network
 or repository becomes a ModelLoadError in seconds instead of huggingface_hub's minute of backoff.
 """
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
+import threading
 from pathlib import Path
+from typing import Callable
 
 from .errors import ModelLoadError
 
@@ -19,10 +23,11 @@ _REPO_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 _SKIP_DIRS = ("onnx/", "openvino/", "coreml/", "tf/", "flax/", "checkpoint-", "runs/", ".")
 
 
-def _is_local_path(model_id: str) -> bool:
-    """Looks like a filesystem path rather than `org/name` (absolute, relative, home, or deeper than org/name)."""
-    return (model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
-            or Path(model_id).expanduser().exists())
+def is_local_path(model_id: str) -> bool:
+    """Whether a model id names a filesystem path rather than a Hub `org/name`: absolute, relative, home, Windows,
+    or deeper than org/name. Decided from the string alone, so settings validated on one machine agree with the
+    replicas on another (a Hub-like id that happens to exist on disk is still served from that directory)."""
+    return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
 
 
 def needed_files(files: list[str]) -> list[str]:
@@ -44,16 +49,12 @@ def needed_files(files: list[str]) -> list[str]:
 
 
 def _list_files(model_id: str, revision: str | None, token: str | None, endpoint: str) -> list[str]:
-    """The repository's file list from one request (no retries)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    """The repository's file list from one model-info request (the library's auth and error types)."""
+    from huggingface_hub import HfApi, constants
 
-    rev = revision or "main"
-    url = f"{endpoint.rstrip('/')}/api/models/{model_id}/revision/{rev.replace('/', '%2F')}"
     timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT", constants.DEFAULT_ETAG_TIMEOUT))
-    response = get_session().get(url, headers=build_hf_headers(token=token), timeout=timeout)
-    hf_raise_for_status(response)
-    return [s["rfilename"] for s in response.json().get("siblings", [])]
+    info = HfApi(endpoint=endpoint).model_info(model_id, revision=revision or "main", token=token, timeout=timeout)
+    return [s.rfilename for s in info.siblings or []]
 
 
 def _cache_dir() -> str | None:
@@ -66,6 +67,7 @@ def _cache_dir() -> str | None:
 
 
 def _cached_snapshot(model_id: str, revision: str | None, token: str | None) -> Path | None:
+    """The model's snapshot in the local cache (no network), None when it is not there."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -81,7 +83,7 @@ def resolve_model_dir(model_id: str, revision: str | None = None, token: str | N
     local = Path(model_id).expanduser()
     if local.is_dir():
         return local
-    if _is_local_path(model_id) or not _REPO_ID.match(model_id):
+    if is_local_path(model_id) or local.exists() or not _REPO_ID.match(model_id):
         raise ModelLoadError(model_id, "no such local directory, and not a valid Hugging Face Hub repo id")
 
     from huggingface_hub import snapshot_download
@@ -118,3 +120,70 @@ def resolve_model_dir(model_id: str, revision: str | None = None, token: str | N
                                       endpoint=endpoint, cache_dir=_cache_dir()))
     except Exception as e:
         raise ModelLoadError(model_id, f"download failed ({type(e).__name__}: {e})") from e
+
+
+def count_parameters(model: str | Path, revision: str | None = None, token: str | None = None,
+                     timeout_s: float = 5.0) -> int | None:
+    """The parameter count of a model, read from its safetensors headers only (no weights loaded).
+
+    ``model`` is a local directory (every ``*.safetensors`` under it, sub-modules such as
+    ``1_Dense/`` included) or a Hub id: first the local Hugging Face cache (no network), else the Hub's
+    header requests (``huggingface_hub.get_safetensors_metadata``), given at most ``timeout_s`` in all.
+    Returns None when it cannot be found (no safetensors, no network, too slow, any error): autoscaling
+    presets then use "small". Never raises, so sizing can never fail or stall an app build.
+    """
+    try:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return _count_dir(path)
+        cached = _cached_snapshot(str(model), revision, token)
+        if cached is not None and _complete(cached):  # e.g. on a node that served the model before
+            return _count_dir(cached)
+        return _bounded(lambda: _count_on_hub(str(model), revision, token, timeout_s), timeout_s)
+    except Exception:  # noqa: BLE001 - any failure just means "unknown size"
+        return None
+
+
+def _count_dir(path: Path) -> int | None:
+    from huggingface_hub import parse_local_safetensors_file_metadata
+
+    files = sorted(path.rglob("*.safetensors"))
+    if not files:
+        return None
+    return sum(sum(parse_local_safetensors_file_metadata(f).parameter_count.values()) for f in files)
+
+
+def _complete(snapshot: Path) -> bool:
+    """Whether every shard a cached sharded checkpoint names is there (the cache may hold only some)."""
+    for index in snapshot.rglob("*.safetensors.index.json"):
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        if not all((index.parent / shard).is_file() for shard in shards):
+            return False
+    return True
+
+
+def _count_on_hub(repo_id: str, revision: str | None, token: str | None, timeout_s: float) -> int:
+    from huggingface_hub import get_safetensors_metadata
+
+    metadata = get_safetensors_metadata(repo_id, revision=revision, token=token, timeout=timeout_s)
+    return int(sum(metadata.parameter_count.values()))
+
+
+def _bounded(fn: Callable[[], int], timeout_s: float) -> int | None:
+    """``fn()`` in a daemon thread, None if it fails or has not returned within ``timeout_s``.
+
+    The Hub timeout is per request and a lookup makes several; a daemon thread left behind by an
+    unresponsive network never holds up the build (nor the interpreter's exit).
+    """
+    result: list[int] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except Exception:  # noqa: BLE001 - no network, no such repo, no safetensors: "unknown"
+            pass
+
+    worker = threading.Thread(target=run, name="count-parameters", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return result[0] if result else None

@@ -1,4 +1,5 @@
-"""ModernBERT's last layer at the CLS row only, for models that pool the CLS token (ettin, gte-reranker).
+"""ModernBERT specifics: saved rope thetas honoured under transformers 5 (`fix_saved_rope`), and the last layer
+at the CLS row only, for models that pool the CLS token (ettin, gte-reranker).
 
 The head reads one row per pair, and in the last layer no row depends on another except through its keys
 and values. So that layer needs keys and values of every token but queries, attention output, MLP and the
@@ -18,6 +19,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def fix_saved_rope(raw: dict) -> dict:
+    """Rewrite a saved ModernBERT config so its rope thetas survive loading under transformers 5.
+
+    Two layouts exist: `global_rope_theta`/`local_rope_theta` (transformers 4) and `layer_types` +
+    `rope_parameters` per layer type (transformers 5). transformers 5 fills any theta it does not find with
+    160000 (global) / 10000 (local) and ignores a single `rope_theta`, and rejects a flat `rope_parameters`.
+    ettin saves 160000 for both, so we read every saved value and hand transformers explicit per-type ones.
+    """
+    raw = dict(raw)
+    saved = raw.get("rope_parameters") or {}
+    per_type = {k: dict(v) for k, v in saved.items() if k in ("full_attention", "sliding_attention")}
+    flat = saved if "rope_theta" in saved else {}  # {"rope_type": ..., "rope_theta": x}: one theta for all
+    single = raw.pop("rope_theta", None) or flat.get("rope_theta")
+    theta_for = {"full_attention": raw.pop("global_rope_theta", None),
+                 "sliding_attention": raw.pop("local_rope_theta", None)}
+    if not per_type and not any(theta_for.values()) and single is None:
+        return raw  # nothing saved: transformers' defaults are the model's own defaults
+    for kind in ("full_attention", "sliding_attention"):
+        params = per_type.get(kind) or {"rope_type": flat.get("rope_type", "default")}
+        theta = params.get("rope_theta") or theta_for[kind] or single
+        if theta is not None:
+            params["rope_theta"] = float(theta)
+        per_type[kind] = params
+    raw["rope_parameters"] = per_type
+    return raw
 
 
 class ClsRowLastLayer(nn.Module):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .causal import CausalLMScorer, cut_texts, pad_token_id
 from .common import load_config, position_limit, resolve_max_length
-from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
+from .encoded import EncodedBatch
+from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, parse_direction
 from .errors import InputTooLongError, ModelLoadError, PairRequiredError
 from .families import Family
 from .scoring import Scorer
@@ -102,7 +103,7 @@ class MxbaiEncoder(Encoder):
                     f"input {i} is longer than the model takes ({self.max_length} tokens with its prompt; the query "
                     f"at most {length * 3 // 4}); shorten it or send truncate=true", index=i)
             ids.append(self.prefix_ids + q_ids + second + self.tail_ids)
-        return flatten(ids)
+        return EncodedBatch.from_lists(ids)
 
 
 def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> MxbaiEncoder:

@@ -20,6 +20,21 @@ import torch
 from .encoded import EncodedBatch
 
 
+# Base models verified to run packed (tests/models/test_attention.py, test_packed_scoring.py): their forward passes
+# position_ids and the cu_seq_lens kwargs through to transformers' AttentionInterface. Value: how the first
+# position id of a sequence is found.
+_PACKED_MODEL_TYPES = {"modernbert": "zero", "bert": "zero", "qwen3": "zero", "xlm-roberta": "pad_plus_one",
+                       "qwen2": "zero", "gemma": "zero"}
+
+
+def packed_position_offset(config) -> int | None:
+    """First position id of every packed sequence for this base model, or None when it cannot run packed."""
+    rule = _PACKED_MODEL_TYPES.get(getattr(config, "model_type", None))
+    if rule is None:
+        return None
+    return (config.pad_token_id or 0) + 1 if rule == "pad_plus_one" else 0
+
+
 @dataclass
 class PackedInputs:
     input_ids: torch.Tensor  # [1, T] long: all sequences back to back

@@ -10,7 +10,8 @@ import torch
 
 from .causal import read_weight_rows
 from .common import from_pretrained, load_config, position_limit, resolve_max_length, torch_dtype
-from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
+from .encoded import EncodedBatch
+from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, parse_direction
 from .errors import InputTooLongError, ModelLoadError, PairRequiredError
 from .families import Family
 from .scoring import Scorer
@@ -80,7 +81,7 @@ class Qwen3Encoder(Encoder):
                     f"input {i} has {len(e.ids) + fixed} tokens after templating, more than the model's maximum "
                     f"of {self.max_length}; shorten it or send truncate=true", index=i)
             ids.append(self.prefix_ids + e.ids + self.suffix_ids)
-        return flatten(ids)
+        return EncodedBatch.from_lists(ids)
 
     def _cut_docs(self, docs: list[str], max_doc: int, direction: str) -> list[str]:
         """Each document cut to its first (Right) or last (Left) `max_doc` tokens, at token character offsets:

@@ -58,12 +58,17 @@ def chunk_by_tokens(lengths: np.ndarray, token_budget: int) -> list[slice]:
     return chunks
 
 
+def check_execution(requested: str, model_id: str) -> None:
+    """The one check of an `execution` setting (run at construction too: fail before the weights load)."""
+    if requested not in EXECUTIONS:
+        raise ModelLoadError(model_id, f"unknown execution {requested!r}; use one of {EXECUTIONS}")
+
+
 def resolve_execution(requested: str, *, supported: bool, device: str, dtype: str, model_id: str) -> str:
     """"packed" or "padded". auto: packed where the varlen kernels run (CUDA, half precision), padded elsewhere
     (fp32 on CUDA would fall back to one attention call per pair). "packed" on a model that cannot run packed
     falls back to padded with a warning, so one deployment setting can cover every model."""
-    if requested not in EXECUTIONS:
-        raise ModelLoadError(model_id, f"unknown execution {requested!r}; use one of {EXECUTIONS}")
+    check_execution(requested, model_id)
     if requested == "auto":
         fast = device.startswith("cuda") and dtype in ("float16", "bfloat16")
         return "packed" if supported and fast else "padded"
@@ -109,8 +114,7 @@ class Scorer:
         self.token_budget = resolve_token_budget(token_budget, device)
         self.pad_id, self.uses_token_types = pad_id, uses_token_types
         self.num_parameters = 0
-        if execution not in EXECUTIONS:  # fail before the weights load
-            raise ModelLoadError(model_id, f"unknown execution {execution!r}; use one of {EXECUTIONS}")
+        check_execution(execution, model_id)
         self.requested_execution = execution
         self.execution = "padded"
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import from_pretrained, load_config, packed_position_offset, torch_dtype
+from .common import from_pretrained, load_config, torch_dtype
 from .encoding import PairEncoder
 from .families import Family
 from .modernbert import cls_only_last_layer
+from .packing import packed_position_offset
 from .pooling import pool_packed
 from .scoring import Scorer
 from .tokenization import load_tokenizer, pad_id_of, pair_encoder

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .causal import CausalLMScorer, cut_texts, pad_token_id
 from .common import load_config, position_limit, read_json, resolve_max_length
-from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, flatten, parse_direction
+from .encoded import EncodedBatch
+from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, parse_direction
 from .errors import InputError, InputTooLongError, ModelLoadError, PairRequiredError
 from .families import Family
 from .scoring import Scorer
@@ -190,7 +191,7 @@ class StCausalEncoder(Encoder):
                 keep = min(len(suffix), len(row))
                 row = row[:len(row) - keep] + suffix[len(suffix) - keep:]
             ids.append(row)
-        return flatten(ids)
+        return EncodedBatch.from_lists(ids)
 
 
 def _encoder(model_id: str, spec: Spec, config, max_length: int | None) -> StCausalEncoder:

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .encoded import EncodedBatch
-from .encoding import check_max_tokens_per_doc, check_text, flatten
+from .encoding import check_max_tokens_per_doc, check_text
 from .errors import InputError, InputTooLongError, InstructionNotSupportedError
 
 # Fewer document tokens than this per window: the pair is scored as with "truncate" (API.md 1.6).
@@ -174,4 +174,4 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
         counts.append(len(ids))
     chunked = np.zeros(len(items), dtype=bool)
     chunked[list(windows)] = True
-    return WindowedBatch(flatten(all_ids, all_types), np.asarray(counts, dtype=np.int64), chunked)
+    return WindowedBatch(EncodedBatch.from_lists(all_ids, all_types), np.asarray(counts, dtype=np.int64), chunked)

@@ -10,7 +10,8 @@ from typing import Any
 
 from ray.serve import Application
 
-from autoscaling import autoscaling_options, count_parameters
+from autoscaling import autoscaling_options
+from models.hub import count_parameters, is_local_path
 from serve_app.settings import AppSettings, ModelSettings, deployment_name
 
 logger = logging.getLogger(__name__)
@@ -73,11 +74,10 @@ def model_sizes(models: list[ModelSettings], hf_token: str | None = None) -> dic
 
 def model_autoscaling_options(model: ModelSettings, num_parameters: int | None) -> dict[str, Any]:
     """The preset's options for an autoscaling model of `num_parameters` parameters (None: unknown)."""
-    config = dict(model.autoscaling_config or {})
     explicit = model.model_fields_set
     options = autoscaling_options(
         num_parameters=num_parameters, device=model.resolved_device, num_gpus=model.num_gpus,
-        preset=config.pop("preset", None), overrides=config, token_budget=model.token_budget,
+        overrides=model.autoscaling_config, token_budget=model.token_budget,
         max_ongoing_requests=model.max_ongoing_requests if "max_ongoing_requests" in explicit else None,
         max_queued_requests=model.max_queued_requests if "max_queued_requests" in explicit else None)
     scaling = options.get("autoscaling_config")
@@ -115,7 +115,7 @@ def check_model_source(model: ModelSettings) -> None:
     if path.is_dir():
         family = detect_family(path, model.model_id)
         logger.info("model %r: %s detected in %s", model.name, family, path)
-    elif model.model_id.startswith(("/", ".", "~")):
+    elif is_local_path(model.model_id):
         raise ModelLoadError(model.model_id, f"model {model.name!r}: no such local directory {str(path)!r}")
 
 

@@ -1,7 +1,8 @@
 """The HTTP layer of API.md: FastAPI routes over a `RerankService`, JSON errors for everything.
 
-Built per ingress replica by `create_http_app(service)`; it has no Ray imports, so the whole HTTP
-contract is unit-testable in process with a fake service backend.
+Built per ingress replica by `create_http_app(service, map_error=...)`; it has no Ray imports (the ingress
+passes deployments/errors.py's mapping of Ray's exceptions), so the whole HTTP contract is unit-testable in
+process with a fake service backend.
 """
 from __future__ import annotations
 
@@ -131,8 +132,10 @@ def _default_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _default_request_id) -> FastAPI:
-    """The FastAPI app of API.md over `service`; `request_id` names a request (Ray Serve's id in replicas)."""
+def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _default_request_id,
+                    map_error: Callable[[BaseException], ApiError] = map_exception) -> FastAPI:
+    """The FastAPI app of API.md over `service`; `request_id` names a request (Ray Serve's id in replicas),
+    `map_error` turns any exception into its JSON error (the ingress adds Ray's exceptions)."""
     app = FastAPI(
         title="rerank-serve", version=VERSION,
         description="Rerankers of several families behind one endpoint: TEI `/rerank` and `/predict`, "
@@ -145,7 +148,7 @@ def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(StarletteHTTPException)
     async def _framework_error(_: Request, exc: Exception) -> JSONResponse:
-        err = map_exception(exc)
+        err = map_error(exc)
         if err.status == 405:  # keep Starlette's Allow header
             err.headers = {**err.headers, **(getattr(exc, "headers", None) or {})}
         return error_response(err)
@@ -153,13 +156,13 @@ def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return error_response(map_exception(exc))
+        return error_response(map_error(exc))
 
     async def respond(work: Awaitable[Any]) -> JSONResponse:
         try:
             return JSONResponse(await work)
         except Exception as exc:  # every failure becomes the JSON error of API.md section 3
-            err = map_exception(exc)
+            err = map_error(exc)
             if err.status >= 500:
                 logger.error("request failed with %d %s: %r", err.status, err.error_type, exc,
                              exc_info=err.status == 500)

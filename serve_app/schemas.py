@@ -1,4 +1,4 @@
-"""Request/response bodies of API.md and the one mapping from an exception to an HTTP error.
+"""Request/response bodies of API.md and the mapping from an exception to an HTTP error (Ray's: deployments/errors.py).
 
 Requests are strict (no "3" for 3, no "yes" for true) and reject unknown fields, so a typo is a 422
 naming the field instead of a silently ignored option.
@@ -200,23 +200,17 @@ def validation_message(errors: list[dict]) -> str:
 
 
 def map_exception(exc: BaseException) -> ApiError:
-    """The HTTP error for any exception raised while serving a request (API.md section 3).
+    """The HTTP error for an exception of the HTTP layer or of models/ (API.md section 3); no Ray here.
 
-    Bad input becomes a 4xx; a model that is gone or not loaded a 503; Ray's backpressure a 429 with
-    `Retry-After`; anything else a JSON 500 (a bug, never caused by the request's content).
+    Bad input becomes a 4xx; a model that could not load a 503; anything else a JSON 500 (a bug, never
+    caused by the request's content). Ray's exceptions are mapped at the Ray boundary
+    (deployments/errors.py), which falls back on this.
     """
     from fastapi.exceptions import RequestValidationError
-    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
     from starlette.exceptions import HTTPException
 
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, RayTaskError):
-        # An exception raised in a replica arrives wrapped (its message is the remote traceback).
-        cause = getattr(exc, "cause", None)
-        if cause is not None and cause is not exc:
-            return map_exception(cause)
     if isinstance(exc, RequestValidationError):
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
@@ -231,15 +225,6 @@ def map_exception(exc: BaseException) -> ApiError:
         return ApiError(exc.status_code, error_type, message, dict(exc.headers or {}))
     if isinstance(exc, InputError):
         return ApiError(422, "Validation", str(exc))
-    if isinstance(exc, BackPressureError):
-        retry = exc.retry_after_s if exc.retry_after_s is not None else 1
-        return ApiError(429, "Overloaded", "the service is saturated; retry after the `Retry-After` delay",
-                        {"Retry-After": str(max(1, int(-(-retry // 1))))})
     if isinstance(exc, ModelLoadError):
         return ApiError(503, "Unhealthy", str(exc))
-    if isinstance(exc, (DeploymentUnavailableError, RayActorError, ActorUnavailableError)):
-        return ApiError(503, "Unhealthy", f"a model replica is unavailable ({type(exc).__name__}); "
-                                          "retry shortly or check /health")
-    if isinstance(exc, RayServeException):
-        return ApiError(503, "Unhealthy", f"the model deployment could not serve the request: {exc}")
     return ApiError(500, "Internal", f"internal error ({type(exc).__name__}); the request itself may be fine")

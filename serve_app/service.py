@@ -298,7 +298,7 @@ class RerankService:
             },
             "serving": {
                 "num_replicas": None if model.autoscaling_config else model.num_replicas,
-                "autoscaling_config": model.autoscaling_config,
+                "autoscaling_config": model.autoscaling_config.given() if model.autoscaling_config else None,
                 "num_cpus": model.resolved_num_cpus,
                 "num_gpus": model.num_gpus,
             },

@@ -10,9 +10,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, ValidationInfo,
+                      ValidatorFunctionWrapHandler, field_validator, model_validator)
 
+from autoscaling.presets import AutoscalingSettings, autoscaling_options
 from models.families import FAMILIES
+from models.hub import is_local_path
 
 DEFAULT_MODEL_ID = "cross-encoder/ettin-reranker-17m-v1"
 API_KEY_ENV = "RERANK_API_KEY"
@@ -58,7 +61,7 @@ class ModelSettings(BaseModel):
     # How it is served.
     num_replicas: Union[PositiveInt, Literal["auto"]] = Field(default=1, description=(
         "Fixed replica count, or 'auto': autoscaling with the default preset."))
-    autoscaling_config: dict[str, Any] | None = Field(default=None, description=(
+    autoscaling_config: AutoscalingSettings | None = Field(default=None, description=(
         "Autoscaling on the work held (docs/AUTOSCALING.md): `preset` (balanced | latency | throughput | "
         "scale-to-zero | fixed) and overrides of it (any field of Ray's AutoscalingConfig, `metric`, "
         "`target_work_per_replica`, `target_budgets_per_replica`). Unknown keys are an error."))
@@ -85,6 +88,16 @@ class ModelSettings(BaseModel):
             data = {**data, "name": default_model_name(str(data["model_id"]))}
         return data
 
+    @field_validator("autoscaling_config", mode="wrap")
+    @classmethod
+    def _name_the_model(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        """AutoscalingSettings' errors, on one line naming the model (a config may serve several)."""
+        try:
+            return handler(v)
+        except ValidationError as exc:
+            name = info.data.get("name", "?")
+            raise ValueError(f"model {name!r}: invalid autoscaling_config: {_one_line(exc)}") from None
+
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str) -> str:
@@ -108,22 +121,17 @@ class ModelSettings(BaseModel):
         return self
 
     def _check_autoscaling(self) -> None:
-        """Fail at validation (before anything deploys) on a setting the preset or Ray would reject.
-
-        Runs the preset with an unknown size: whether the settings are valid does not depend on it.
-        """
+        """Fail at validation (before anything deploys) on settings Ray would reject once merged with the
+        preset (min > max, a policy that does not import). Runs the preset with an unknown size: whether the
+        settings are valid does not depend on it."""
         from ray.serve.config import AutoscalingConfig
 
-        from autoscaling import autoscaling_options
-
-        config = dict(self.autoscaling_config or {})
         try:
             options = autoscaling_options(num_parameters=None, device=self.resolved_device, num_gpus=self.num_gpus,
-                                          preset=config.pop("preset", None), overrides=config,
-                                          token_budget=self.token_budget)
+                                          overrides=self.autoscaling_config, token_budget=self.token_budget)
             if "autoscaling_config" in options:
                 AutoscalingConfig(**options["autoscaling_config"])
-        except Exception as exc:  # noqa: BLE001 - the preset's ValueError, Ray's ValidationError or ImportError
+        except Exception as exc:  # noqa: BLE001 - Ray's ValidationError or the policy's ImportError
             raise ValueError(f"model {self.name!r}: invalid autoscaling_config: {_one_line(exc)}") from None
 
     @property
@@ -192,6 +200,25 @@ class AppSettings(BaseModel):
     max_candidates: PositiveInt = 1000
     ingress: IngressSettings = Field(default_factory=IngressSettings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_model_shorthand(cls, data: Any) -> Any:
+        """`model_id=...` (and any other model field) at the top level: serve that one model.
+
+        What `serve run serve_app:build_app model_id=BAAI/bge-reranker-v2-m3 num_gpus=1` passes (Ray hands
+        the builder its key=value pairs as a dict of strings; pydantic converts "1" where a number is due).
+        """
+        if not isinstance(data, dict):
+            return data
+        shorthand = {k: v for k, v in data.items() if k in ModelSettings.model_fields}
+        if not shorthand:
+            return data
+        if "models" in data:
+            raise ValueError(f"give either `models` or the one-model shorthand ({', '.join(sorted(shorthand))} at "
+                             "the top level), not both")
+        rest = {k: v for k, v in data.items() if k not in shorthand}
+        return {**rest, "models": [{"model_id": DEFAULT_MODEL_ID, **shorthand}]}
+
     @field_validator("api_key", "hf_token", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
@@ -218,11 +245,17 @@ class AppSettings(BaseModel):
 
 
 def _one_line(exc: Exception) -> str:
-    """An error's message on one line; of a pydantic error (Ray's configs), only what each check says."""
+    """An error's message on one line; of a pydantic error, what each check says after the field it names."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
-        return "; ".join(str(e.get("msg", e)) for e in errors())
+        return "; ".join(_located(e) for e in errors())
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _located(error: dict) -> str:
+    msg = str(error.get("msg", error)).removeprefix("Value error, ")
+    loc = ".".join(str(part) for part in error.get("loc", ()))
+    return f"{loc}: {msg}" if loc else msg
 
 
 def default_model_name(model_id: str) -> str:
@@ -231,8 +264,7 @@ def default_model_name(model_id: str) -> str:
     Decided from the string alone: settings are validated on the machine that builds the app, which
     need not be the one that holds the model.
     """
-    is_path = model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
-    return Path(model_id.rstrip("/")).name if is_path else model_id
+    return Path(model_id.rstrip("/")).name if is_local_path(model_id) else model_id
 
 
 def deployment_name(model_name: str) -> str:

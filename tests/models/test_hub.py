@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from models import ModelLoadError, load_encoder, resolve_model_dir
+from models.hub import count_parameters
+from tests.tiny_models import build_modular, build_qwen3_reranker, build_xlmr_seq_cls
 
 COMMIT = "a" * 40
 
@@ -20,7 +22,7 @@ class FakeHub:
     with siblings, the recursive tree, and resolve/ HEAD + GET with ETag and X-Repo-Commit. Records requests."""
 
     def __init__(self, repos: dict[str, Path]):
-        self.repos, self.requests = repos, []
+        self.repos, self.requests, self.headers = repos, [], []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +44,7 @@ class FakeHub:
 
     def serve(self, h: BaseHTTPRequestHandler, body: bool):
         self.requests.append((h.command, h.path))
+        self.headers.append({k.lower(): v for k, v in h.headers.items()})
         for repo, root in self.repos.items():
             if h.path.startswith(f"/api/models/{repo}/tree/"):
                 return self._send(h, body, json.dumps([
@@ -118,3 +121,88 @@ def test_missing_repository_names_the_model(hub):
 def test_repository_without_config(hub):
     with pytest.raises(ModelLoadError, match="config.json"):
         resolve_model_dir("org/no-config")
+
+
+def test_file_list_is_one_model_info_request_carrying_the_token(hub):
+    resolve_model_dir("org/tiny-modular", token="hf_secret")
+    listing = [i for i, (_, path) in enumerate(hub.requests) if path.startswith("/api/models/")]
+    assert [hub.requests[i] for i in listing[:1]] == [("GET", "/api/models/org/tiny-modular/revision/main")]
+    assert hub.headers[listing[0]].get("authorization") == "Bearer hf_secret"
+
+
+# ---- parameter counts, against the reference implementations ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_presets")
+    return {"modular": build_modular(root / "modular"), "xlmr": build_xlmr_seq_cls(root / "xlmr"),
+            "qwen3_tied": build_qwen3_reranker(root / "qwen3_tied", tied=True),
+            "qwen3_untied": build_qwen3_reranker(root / "qwen3_untied", tied=False, seed=6)}
+
+
+def _unique_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())  # parameters() yields tied weights once
+
+
+@pytest.mark.parametrize("name", ["xlmr", "qwen3_tied", "qwen3_untied"])
+def test_count_parameters_matches_transformers(tiny_dirs, name):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    loader = AutoModelForCausalLM if name.startswith("qwen3") else AutoModelForSequenceClassification
+    assert count_parameters(tiny_dirs[name]) == _unique_parameters(loader.from_pretrained(tiny_dirs[name]))
+
+
+def test_count_parameters_of_a_modular_cross_encoder_matches_sentence_transformers(tiny_dirs):
+    from sentence_transformers import CrossEncoder
+
+    reference = _unique_parameters(CrossEncoder(str(tiny_dirs["modular"]), device="cpu"))
+    assert count_parameters(tiny_dirs["modular"]) == reference
+
+
+def test_count_parameters_unknown_is_none(tmp_path):
+    assert count_parameters(tmp_path) is None
+    assert count_parameters(str(tmp_path / "nowhere" / "model")) is None  # not a dir, no Hub here
+
+
+def test_count_parameters_reads_a_cached_hub_snapshot_without_the_network(tiny_dirs, tmp_path, monkeypatch):
+    """A node that served the model before has its files in the HF cache: no Hub request is needed."""
+    import shutil
+
+    import models.hub
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_dirs["xlmr"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models.hub, "_count_on_hub", lambda *a, **k: pytest.fail("asked the Hub"))
+    assert count_parameters("org/tiny") == count_parameters(tiny_dirs["xlmr"]) > 0
+
+
+def test_count_parameters_gives_up_on_a_silent_hub_within_its_timeout(monkeypatch):
+    import time
+
+    import models.hub
+
+    monkeypatch.setattr(models.hub, "_count_on_hub", lambda *a, **k: time.sleep(30))
+    start = time.monotonic()
+    assert count_parameters("org/not-cached", timeout_s=0.5) is None
+    assert time.monotonic() - start < 2
+
+
+def test_count_parameters_asks_the_hub_when_the_cached_snapshot_lacks_a_shard(tiny_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    import models.hub
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--org--sharded"
+    shutil.copytree(tiny_dirs["xlmr"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (repo / "snapshots" / commit / "model.safetensors.index.json").write_text(json.dumps(index))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models.hub, "_count_on_hub", lambda *a, **k: 123)
+    assert count_parameters("org/sharded") == 123

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from deployments.errors import map_ray_exception
 from serve_app.routes import create_http_app
 from serve_app.service import RerankService
 from serve_app.settings import AppSettings
@@ -25,16 +26,21 @@ def sig(x: float) -> float:
 
 
 def make(*, api_key=None, max_candidates=1000, max_body_bytes=4 * 1024 * 1024, bert_backend=None,
-         qwen_backend=None):
+         qwen_backend=None, qwen_scaling=None):
+    qwen = {"name": "qwen", "model_id": "fake/qwen"}
+    if qwen_scaling is not None:
+        qwen["autoscaling_config"] = qwen_scaling
     settings = AppSettings(
-        models=[{"name": "bert", "model_id": "fake/bert"}, {"name": "qwen", "model_id": "fake/qwen"}],
+        models=[{"name": "bert", "model_id": "fake/bert"}, qwen],
         api_key=api_key, hf_token=None, max_candidates=max_candidates, max_body_bytes=max_body_bytes)
     encoders = {"bert": FakeEncoder(with_types=True, id2label={0: "relevant"}),
                 "qwen": FakeEncoder(family="qwen3", accepts_single=False, accepts_instruction=True,
                                     default_instruction="find it")}
     backends = {"bert": bert_backend or FakeBackend(TABLE), "qwen": qwen_backend or FakeBackend({"paris": 5.0})}
     service = RerankService(settings, encoders, backends)
-    return TestClient(create_http_app(service, request_id=lambda: "req-1"), raise_server_exceptions=False), \
+    # The ingress's error mapping, so Ray's exceptions raised by a backend are mapped as in a replica.
+    app = create_http_app(service, request_id=lambda: "req-1", map_error=map_ray_exception)
+    return TestClient(app, raise_server_exceptions=False), \
         service
 
 
@@ -214,6 +220,14 @@ def test_info(client):
     assert bert["batching"]["max_fanout"] == 8
     assert qwen["accepts_instruction"] is True and qwen["default_instruction"] == "find it"
     assert info["max_client_batch_size"] == 1000 and info["model_id"] == "fake/bert"
+
+
+def test_info_shows_the_autoscaling_config_as_written():
+    client, _ = make(qwen_scaling={"preset": "latency", "max_replicas": 3})
+    bert, qwen = client.get("/info").json()["models"]
+    assert qwen["serving"]["autoscaling_config"] == {"preset": "latency", "max_replicas": 3}
+    assert qwen["serving"]["num_replicas"] is None
+    assert bert["serving"]["autoscaling_config"] is None and bert["serving"]["num_replicas"] == 1
 
 
 def test_info_survives_a_model_that_cannot_describe_itself():

@@ -1,11 +1,10 @@
-"""Request parsing (every /predict input shape) and the exception -> HTTP error mapping of API.md section 3."""
+"""Request parsing (every /predict input shape) and the exception -> HTTP error mapping of API.md section 3
+(serve_app's part, without Ray; Ray's exceptions: tests/deployments/test_errors.py)."""
 from __future__ import annotations
 
 import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 
 from models.errors import InputTooLongError, InstructionNotSupportedError, ModelLoadError, PairRequiredError
@@ -62,14 +61,6 @@ def _validation_error(body) -> RequestValidationError:
     raise AssertionError("valid")
 
 
-def _remote(exc: Exception) -> RayTaskError:
-    """What a handle raises when the replica raised `exc`."""
-    try:
-        raise exc
-    except Exception as e:
-        return RayTaskError("score", "Traceback ...", e).as_instanceof_cause()
-
-
 @pytest.mark.parametrize("exc, status, error_type", [
     (ApiError(404, "UnknownModel", "x"), 404, "UnknownModel"),
     (RequestValidationError([{"type": "json_invalid", "loc": ("body", 3), "msg": "JSON decode error",
@@ -80,11 +71,6 @@ def _remote(exc: Exception) -> RayTaskError:
     (InputTooLongError("too long", index=2), 422, "Validation"),
     (PairRequiredError("pair", index=0), 422, "Validation"),
     (InstructionNotSupportedError("no"), 422, "Validation"),
-    (BackPressureError(num_queued_requests=3, max_queued_requests=3, status_code=429, retry_after_s=1),
-     429, "Overloaded"),
-    (DeploymentUnavailableError("model-a"), 503, "Unhealthy"),
-    (ActorDiedError(), 503, "Unhealthy"),
-    (ActorUnavailableError("gone", None), 503, "Unhealthy"),
     (ModelLoadError("org/x", "no network"), 503, "Unhealthy"),
     (ZeroDivisionError(), 500, "Internal"),
 ])
@@ -97,17 +83,3 @@ def test_map_exception(exc, status, error_type):
 def test_pydantic_errors_become_a_422_naming_the_field():
     err = map_exception(_validation_error({"query": "q", "texts": ["a", 3]}))
     assert (err.status, err.error_type) == (422, "Validation") and "texts[1]" in err.message
-
-
-def test_backpressure_carries_retry_after():
-    err = map_exception(BackPressureError(num_queued_requests=1, max_queued_requests=1, status_code=429,
-                                          retry_after_s=0.2))
-    assert err.headers == {"Retry-After": "1"}
-    err = map_exception(BackPressureError(num_queued_requests=1, max_queued_requests=1))
-    assert err.status == 429 and err.headers["Retry-After"] == "1"
-
-
-def test_errors_raised_in_a_replica_are_unwrapped():
-    err = map_exception(_remote(InputTooLongError("input 4 is too long", index=4)))
-    assert (err.status, err.error_type) == (422, "Validation") and err.message == "input 4 is too long"
-    assert map_exception(_remote(RuntimeError("kernel bug"))).status == 500

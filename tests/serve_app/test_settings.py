@@ -6,6 +6,7 @@ from pydantic import ValidationError
 from ray.serve import Application
 
 from models.errors import ModelLoadError
+from models.hub import resolve_model_dir
 from serve_app import AppSettings, ModelSettings, build_app, deployment_options
 from serve_app.builder import check_model_source, ingress_options
 from serve_app.settings import DEFAULT_MODEL_ID, deployment_name
@@ -158,6 +159,12 @@ def test_bad_autoscaling_is_rejected_at_validation_naming_the_model(scaling, fra
     assert fragment in str(e.value) and "model 'm1': invalid autoscaling_config" in str(e.value)
 
 
+def test_autoscaling_config_is_kept_as_written():
+    m = ModelSettings(model_id="x/a", autoscaling_config={"preset": "latency", "min_replicas": 2})
+    assert m.autoscaling_config.preset == "latency" and m.autoscaling_config.ray_overrides == {"min_replicas": 2}
+    assert m.autoscaling_config.given() == {"preset": "latency", "min_replicas": 2}  # what /info shows
+
+
 def test_bad_ingress_autoscaling_is_rejected():
     with pytest.raises(ValidationError, match="max_replica"):
         AppSettings(ingress={"autoscaling_config": {"max_replica": 3}})
@@ -181,13 +188,13 @@ def test_build_app_never_stalls_on_an_unreachable_hub(monkeypatch):
     """Sizing Hub models asks the Hub for headers; a silent network costs one bounded wait, not one per model."""
     import time
 
-    import autoscaling.presets
+    import models.hub
     import serve_app.builder
 
     def hang(*_args, **_kwargs):
         time.sleep(30)
 
-    monkeypatch.setattr(autoscaling.presets, "_count_on_hub", hang)
+    monkeypatch.setattr(models.hub, "_count_on_hub", hang)
     monkeypatch.setattr(serve_app.builder, "COUNT_TIMEOUT_S", 1.0)
     models = [{"name": f"m{i}", "model_id": f"org/m{i}", "num_replicas": "auto"} for i in range(4)]
     start = time.monotonic()
@@ -234,6 +241,18 @@ def test_build_app_fails_fast_on_a_missing_local_model(tmp_path):
         build_app({"models": [{"name": "gone", "model_id": str(missing)}]})
 
 
+@pytest.mark.parametrize("model_id", ["models/rerankers/missing", "./missing", "~/missing-model"])
+def test_every_layer_takes_the_same_ids_for_local_paths(model_id):
+    # One rule (models.hub.is_local_path): named by the last component, rejected at build when missing,
+    # and never sent to the Hub.
+    model = ModelSettings(model_id=model_id)
+    assert model.name == model_id.rsplit("/", 1)[-1]
+    with pytest.raises(ModelLoadError, match="no such local directory"):
+        check_model_source(model)
+    with pytest.raises(ModelLoadError, match="no such local directory"):
+        resolve_model_dir(model_id)
+
+
 def test_build_app_fails_fast_on_an_unsupported_local_model(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(ModelLoadError, match="unsupported architecture"):
@@ -254,3 +273,46 @@ def test_long_document_settings_defaults():
     m = AppSettings.model_validate({"models": [{"model_id": "x/a", "long_documents": "chunk", "chunk_overlap": 0,
                                                 "max_chunks": 1}]}).models[0]
     assert (m.long_documents, m.chunk_overlap, m.max_chunks) == ("chunk", 0, 1)
+
+
+# --- `serve run serve_app:build_app model_id=...`: one model from the command line ------------------------------
+
+def test_one_model_shorthand_from_the_strings_ray_passes():
+    # `serve run` hands the builder its key=value pairs as a dict of strings.
+    settings = AppSettings.model_validate({"model_id": "BAAI/bge-reranker-v2-m3", "num_gpus": "1",
+                                           "max_length": "512", "dtype": "float16", "family": "seq_cls",
+                                           "num_replicas": "auto", "max_candidates": "200"})
+    (model,) = settings.models
+    assert (model.name, model.model_id) == ("BAAI/bge-reranker-v2-m3", "BAAI/bge-reranker-v2-m3")
+    assert (model.num_gpus, model.max_length, model.dtype, model.family) == (1.0, 512, "float16", "seq_cls")
+    assert model.resolved_device == "cuda" and model.autoscales and settings.max_candidates == 200
+    assert settings.default_model == "BAAI/bge-reranker-v2-m3"
+    # Everything not given keeps the defaults of a model in `models`.
+    plain = AppSettings.model_validate({"model_id": "BAAI/bge-reranker-v2-m3"})
+    assert plain.models == [ModelSettings(model_id="BAAI/bge-reranker-v2-m3")]
+    # A model field without model_id applies to the default model.
+    assert AppSettings.model_validate({"num_replicas": "2"}).models[0].model_id == DEFAULT_MODEL_ID
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"model_id": "x/a", "models": [{"model_id": "x/b"}]}, "not both"),
+    ({"model_id": "x/a", "num_gpus": "lots"}, "num_gpus"),
+    ({"model_id": "x/a", "max_lenght": "512"}, "max_lenght"),  # a typo is still an error
+])
+def test_one_model_shorthand_rejects_bad_args(raw, fragment):
+    with pytest.raises(ValidationError) as e:
+        AppSettings.model_validate(raw)
+    assert fragment in str(e.value)
+
+
+def test_serve_run_key_value_args_build_the_one_model_app():
+    """Ray's own `serve run` path: its CLI arg parsing, then its call of a pydantic-annotated builder."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.scripts import convert_args_to_dict
+
+    args = convert_args_to_dict(("model_id=BAAI/bge-reranker-v2-m3", "max_length=512", "num_gpus=0.5"))
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    settings, handles = app._bound_deployment.init_args
+    assert list(handles) == ["BAAI/bge-reranker-v2-m3"] and settings.models[0].max_length == 512
+    (handle,) = handles.values()
+    assert handle._bound_deployment.ray_actor_options["num_gpus"] == 0.5
