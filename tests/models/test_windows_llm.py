@@ -246,3 +246,34 @@ def test_custom_instruction_goes_into_every_window(llm, name, max_length):
     assert windowed.chunked.tolist() == [True, False] and len(sequences[0]) >= 2
     _, ref = llm(name, max_length)
     assert windowed.batch.sequence(0).tolist()[:len(ref.around(QUERY, CUSTOM)[0])] == ref.around(QUERY, CUSTOM)[0]
+
+
+def test_a_chat_template_that_rewrites_the_document_is_a_clear_input_error(llm_dirs):
+    """Where the rendering does not hold the document verbatim there is no place to put a window's tokens: the
+    request is refused as bad input (a 422), never scored wrongly or a 500."""
+    from models import InputError, load_encoder
+
+    encoder = load_encoder(str(llm_dirs["structured"]), max_length=176)
+    encoder.template_kwargs = {**encoder.template_kwargs, "chat_template": (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content[0].text | upper }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n")}
+    assert encoder.encode([(QUERY, LONG_DOC)]).lengths.tolist() == [176]  # truncation still works
+    with pytest.raises(InputError, match="cannot locate the document"):
+        encoder.encode_windows([(QUERY, LONG_DOC)])
+
+
+@pytest.mark.parametrize("name,max_length", MODELS)
+def test_the_fit_boundary(llm, name, max_length):
+    """A pair of exactly max_length tokens (the reference's own untruncated input) fits and is scored as with
+    truncation; the shortest longer one is chunked."""
+    scorer, ref = llm(name, max_length)
+    exact, k = [], 0  # character prefixes of the document: every length comes up
+    while (n := len(ref.whole(QUERY, LONG_DOC[:k], None))) <= max_length:
+        exact += [k] if n == max_length else []
+        k += 1
+    assert exact, "no document of exactly max_length tokens"
+    pairs = [(QUERY, LONG_DOC[:exact[-1]]), (QUERY, LONG_DOC[:k])]
+    windowed = scorer.encoder.encode_windows(pairs)
+    assert windowed.chunked.tolist() == [False, True]
+    assert windowed.batch.sequence(0).tolist() == scorer.encoder.encode(pairs[:1]).sequence(0).tolist()
+    assert len(windowed.batch.sequence(0)) == max_length
