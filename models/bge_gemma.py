@@ -72,15 +72,25 @@ class BgeGemmaEncoder(Encoder):
     def _piece(self, text: str) -> list[int]:
         return self._full.encode(text, add_special_tokens=False).ids
 
+    def _prompt_ids(self, instruction: str | None) -> list[int]:
+        prompt = DEFAULT_PROMPT if instruction is None else instruction
+        if prompt not in self._prompts:
+            self._prompts = {DEFAULT_PROMPT: self._prompts[DEFAULT_PROMPT], prompt: self._piece(prompt)}
+        return self._prompts[prompt]
+
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
+        return self._encode(items, truncate, direction, instruction, max_tokens_per_doc)[0]
+
+    def encode_with_cuts(self, items, *, direction="right", instruction=None, max_tokens_per_doc=None):
+        # The pieces' own limits cut a row below max_length (a long query alone), so the cuts are reported.
+        return self._encode(items, True, direction, instruction, max_tokens_per_doc)
+
+    def _encode(self, items, truncate, direction, instruction, max_tokens_per_doc):
         direction = parse_direction(direction)
         check_max_tokens_per_doc(max_tokens_per_doc)
         if instruction is not None:
             check_text(instruction, 0, "the instruction")
-        prompt = DEFAULT_PROMPT if instruction is None else instruction
-        if prompt not in self._prompts:
-            self._prompts = {DEFAULT_PROMPT: self._prompts[DEFAULT_PROMPT], prompt: self._piece(prompt)}
-        prompt_ids = self._prompts[prompt]
+        prompt_ids = self._prompt_ids(instruction)
         queries, docs = [], []
         for i, (query, doc) in enumerate(items):
             check_text(query, i, "the query")
@@ -97,7 +107,7 @@ class BgeGemmaEncoder(Encoder):
         length = self.passage_length
         budget = length + len(self.sep_ids) + len(prompt_ids)  # FlagEmbedding's encode_max_length
         tail = self.sep_ids + prompt_ids
-        ids = []
+        ids, cuts = [], []
         for i, (q, d) in enumerate(zip(q_enc, d_enc)):
             first = self.bos + _cut(q.ids, length * 3 // 4, direction)
             d_ids = _cut(d.ids, length, direction)
@@ -116,7 +126,19 @@ class BgeGemmaEncoder(Encoder):
                 raise InputTooLongError(f"input {i} has {len(row)} tokens with its instruction, more than the "
                                         f"model's {self.positions} positions; shorten the instruction", index=i)
             ids.append(row)
-        return EncodedBatch.from_lists(ids)
+            cuts.append(cut)
+        return EncodedBatch.from_lists(ids), cuts
+
+    def document_slot(self, query, query_tokens, instruction=None):
+        """[bos] + tokens of "A: {q}" (q decoded back from its kept tokens) + "\\n" + tokens of "B: " | window |
+        "\\n" + prompt: FlagEmbedding's separately tokenized pieces (API.md 1.6)."""
+        from .windows import DocumentSlot
+
+        if instruction is not None:
+            check_text(instruction, 0, "the instruction")
+        q_ids = self._piece(QUERY_FORMAT.format(self.kept_query(query, query_tokens)))
+        return DocumentSlot(self.bos + q_ids + self.sep_ids + self._piece(PASSAGE_FORMAT.format("")),
+                            self.sep_ids + self._prompt_ids(instruction))
 
 
 def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> BgeGemmaEncoder:

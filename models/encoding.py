@@ -58,7 +58,9 @@ class Encoder:
     A family that does not override `document_slot` cannot chunk (`supports_windows` is False). A family whose
     `before + (the document's own tokens) + after` is exactly its untruncated input (pair templates: tokenizers
     encodes pair members separately) sets `exact_slots`, and whether a pair fits is computed from those lengths;
-    otherwise the planner asks `encode(truncate=False)` per over-long candidate.
+    otherwise the planner asks `encode(truncate=False)` per over-long candidate. A family whose truncation cuts
+    pieces to their own limits (so a cut row can be shorter than `max_length`: mxbai, bge-gemma) must say which
+    items it cut through `encode_with_cuts`.
     """
 
     family: str
@@ -89,6 +91,20 @@ class Encoder:
     def document_slot(self, query: str, query_tokens: int, instruction: str | None = None):
         """The template around the document for `query` (cut to `query_tokens` tokens): a windows.DocumentSlot."""
         raise NotImplementedError(f"{type(self).__name__} does not describe its template around the document")
+
+    def encode_with_cuts(self, items: Sequence[Item], *, direction: str = "right", instruction: str | None = None,
+                         max_tokens_per_doc: int | None = None) -> tuple[EncodedBatch, list[bool] | None]:
+        """The truncating `encode`, and which items it cut where the family knows (None: the planner takes a row
+        shorter than `max_length` as uncut and asks `encode(truncate=False)` about the others)."""
+        return self.encode(items, truncate=True, direction=direction, instruction=instruction,
+                           max_tokens_per_doc=max_tokens_per_doc), None
+
+    def kept_query(self, query: str, query_tokens: int) -> str:
+        """The query, decoded back from its first `query_tokens` tokens when it has more (API.md 1.6): for
+        templates that tokenize the query inside a larger piece of text."""
+        tok = self.plain_tokenizer()
+        ids = tok.encode(query, add_special_tokens=False).ids
+        return tok.decode(ids[:query_tokens], skip_special_tokens=False) if len(ids) > query_tokens else query
 
     def plain_tokenizer(self) -> Tokenizer:
         """A copy of the Rust tokenizer that never truncates (made on first use; only chunking needs it)."""

@@ -27,6 +27,7 @@ from .tokenization import load_tokenizer
 NAME = "mxbai"
 # MxbaiRerankV2's fixed texts (mxbai-rerank 0.1.6).
 SEP = "\n"
+DOC_FORMAT = "document: {}"
 PREFIX = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
           "<|im_start|>user\n")
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
@@ -71,6 +72,13 @@ class MxbaiEncoder(Encoder):
                                                 f"document after the prompt's {self.fixed} fixed tokens")
 
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
+        return self._encode(items, truncate, direction, instruction, max_tokens_per_doc)[0]
+
+    def encode_with_cuts(self, items, *, direction="right", instruction=None, max_tokens_per_doc=None):
+        # The pieces' own limits cut a row below max_length (a long query alone), so the cuts are reported.
+        return self._encode(items, True, direction, instruction, max_tokens_per_doc)
+
+    def _encode(self, items, truncate, direction, instruction, max_tokens_per_doc):
         direction = parse_direction(direction)
         check_max_tokens_per_doc(max_tokens_per_doc)
         if instruction is not None:
@@ -87,9 +95,9 @@ class MxbaiEncoder(Encoder):
         if max_tokens_per_doc is not None:
             docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
         q_enc = self._full.encode_batch(queries, add_special_tokens=False)
-        d_enc = self._full.encode_batch([f"document: {d}" for d in docs], add_special_tokens=False)
+        d_enc = self._full.encode_batch([DOC_FORMAT.format(d) for d in docs], add_special_tokens=False)
         length = self.content_length
-        ids = []
+        ids, cuts = [], []
         for i, (q, d) in enumerate(zip(q_enc, d_enc)):
             q_ids = _cut(q.ids, length * 3 // 4, direction)
             d_ids = _cut(d.ids, min(self.positions - len(q_ids) - self.fixed, length), direction)
@@ -103,7 +111,19 @@ class MxbaiEncoder(Encoder):
                     f"input {i} is longer than the model takes ({self.max_length} tokens with its prompt; the query "
                     f"at most {length * 3 // 4}); shorten it or send truncate=true", index=i)
             ids.append(self.prefix_ids + q_ids + second + self.tail_ids)
-        return EncodedBatch.from_lists(ids)
+            cuts.append(cut)
+        return EncodedBatch.from_lists(ids), cuts
+
+    def document_slot(self, query, query_tokens, instruction=None):
+        """prefix + tokens of the query piece (q decoded back from its kept tokens) + "\\n" + tokens of "document: "
+        | window | "\\n" + task prompt + suffix: the package's separately tokenized pieces (API.md 1.6)."""
+        from .windows import DocumentSlot
+
+        if instruction is not None:
+            check_text(instruction, 0, "the instruction")
+        piece = lambda text: self._full.encode(text, add_special_tokens=False).ids  # noqa: E731
+        q_ids = piece(query_text(self.kept_query(query, query_tokens), instruction))
+        return DocumentSlot(self.prefix_ids + q_ids + self.sep_ids + piece(DOC_FORMAT.format("")), list(self.tail_ids))
 
 
 def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> MxbaiEncoder:

@@ -32,6 +32,8 @@ _SIZE_KWARGS = {"padding", "truncation", "max_length", "return_tensors"}  # neve
 _STRUCTURED_PATTERNS = ("content[0]", ".type", "'type'", '"type"', "item.type", "message.content[")
 _FLAT_MODEL_TYPES = {"apertus", "deepseek_v3", "gpt_oss", "seed_oss"}
 _SUFFIX_FILLERS = ("0", "1 2 3 4")  # two renders whose common token tail is the template's own tail
+# Stand-ins for a document, to find where the template puts it (private-use characters: in no template's text).
+_DOC_MARKERS = ("\ue000document-a\ue001", "\ue000document-b\ue001")
 _ROLE_PROBES = (("alpha", "bravo"), ("charlie", "bravo"), ("alpha", "foxtrot"))
 
 
@@ -192,6 +194,29 @@ class StCausalEncoder(Encoder):
                 row = row[:len(row) - keep] + suffix[len(suffix) - keep:]
             ids.append(row)
         return EncodedBatch.from_lists(ids)
+
+    def document_slot(self, query, query_tokens, instruction=None):
+        """The chat template's rendering split at the document (API.md 1.6): the text before it and the text after
+        it, each tokenized as one piece, around the window; the query decoded back from its kept tokens. The two
+        pieces are tokenized apart, as the window is, so no token spans a boundary (a rendering tokenized whole
+        may merge the document's first or last characters with the template's)."""
+        from .windows import DocumentSlot
+
+        if instruction is not None:
+            check_text(instruction, 0, "the instruction")
+        prompt = self.default_instruction if instruction is None else instruction
+        query = self.kept_query(query, query_tokens)
+        try:
+            renders = self._render([self._conversation(prompt, query, m) for m in _DOC_MARKERS])
+        except Exception as e:
+            raise InputError(f"the model's chat template cannot render the input: {e}") from e
+        parts = [r.split(m) for r, m in zip(renders, _DOC_MARKERS)]
+        # The document must be placed verbatim, once, with the same text around it whatever it is.
+        if any(len(x) != 2 for x in parts) or parts[0] != parts[1]:
+            raise InputError(f"model {self.model_id!r}: cannot locate the document in its chat template's rendering; "
+                             "send long_documents=\"truncate\"")
+        before, after = self._full.encode_batch(parts[0], add_special_tokens=False)
+        return DocumentSlot(before.ids, after.ids)
 
 
 def _encoder(model_id: str, spec: Spec, config, max_length: int | None) -> StCausalEncoder:

@@ -121,14 +121,23 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
         raise InputError(f"chunk_overlap must be >= 0 and max_chunks >= 1, got {chunk_overlap}, {max_chunks}")
     items = list(items)
     _check_items(encoder, items, instruction, max_tokens_per_doc)
-    # The truncating encoding: the answer for every item that fits, and the check that the batch encodes at all.
-    plain = encoder.encode(items, truncate=True, direction=direction, instruction=instruction,
-                           max_tokens_per_doc=max_tokens_per_doc)
+    # The truncating encoding: the answer for every item that fits, and the check that the batch encodes at all;
+    # with the items it cut, where the family knows them.
+    if hasattr(encoder, "encode_with_cuts"):
+        plain, cut = encoder.encode_with_cuts(items, direction=direction, instruction=instruction,
+                                              max_tokens_per_doc=max_tokens_per_doc)
+    else:  # an encoder duck-typed without it (tests' fakes)
+        plain, cut = encoder.encode(items, truncate=True, direction=direction, instruction=instruction,
+                                    max_tokens_per_doc=max_tokens_per_doc), None
     max_length = encoder.max_length
-    # An encoding shorter than the max length was not cut; one at the max length may or may not have been.
-    candidates = [i for i, (_, doc) in enumerate(items) if doc is not None and plain.lengths[i] >= max_length]
+    if cut is not None:  # the family says which items its truncation cut
+        candidates = [i for i, (_, doc) in enumerate(items) if doc is not None and cut[i]]
+    else:  # an encoding shorter than the max length was not cut; one at the max length may or may not have been
+        candidates = [i for i, (_, doc) in enumerate(items) if doc is not None and plain.lengths[i] >= max_length]
     docs = dict(zip(candidates, _doc_tokens(encoder, [items[i][1] for i in candidates], max_tokens_per_doc)))
-    if getattr(encoder, "exact_slots", False):
+    if cut is not None:
+        long = candidates
+    elif getattr(encoder, "exact_slots", False):
         # before + doc + after IS the untruncated input: its length decides, no second encoding.
         full = {q: encoder.document_slot(q, _ALL, instruction).num_tokens
                 for q in dict.fromkeys(items[i][0] for i in candidates)}

@@ -80,3 +80,27 @@ def test_single_text_to_a_causal_lm_is_a_422(llm_app):
     url, _ = llm_app
     r = requests.post(url + "/predict", json={"inputs": "just one text", "model": "gemma"}, timeout=60)
     assert r.status_code == 422, r.text
+
+
+@pytest.mark.parametrize("name", ["st", "mxbai", "gemma"])
+def test_long_documents_chunk_on_the_llm_families(llm_app, name):
+    """A document of several windows and one that fits, through the ingress and the model deployment at the
+    model's default max length; reference: tests/models/test_windows_llm.py's, built from API.md 1.6."""
+    from models import load_encoder
+    from tests.models.test_windows import SENTENCES
+    from tests.models.test_windows_llm import Reference
+
+    url, dirs = llm_app
+    query = QUERIES[0]
+    docs = [" ".join([SENTENCES] * (14 if name == "gemma" else 3)), DOCS[0]]  # past bge-gemma's 516 tokens too
+    r = requests.post(url + "/v1/rerank", json={"model": name, "query": query, "documents": docs,
+                                                "long_documents": "chunk"}, timeout=120)
+    assert r.status_code == 200, r.text
+    ref = Reference({"st": "structured", "mxbai": "mxbai", "gemma": "bge"}[name], dirs[name],
+                    load_encoder(str(dirs[name])).max_length)
+    expected = [ref.raw(query, d) for d in docs]
+    assert len(expected[0][1]) >= 2 and len(expected[1][1]) == 1
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    for i, (raw, _) in enumerate(expected):
+        assert abs(got[i] - 1 / (1 + np.exp(-raw))) <= TOL
+    assert r.json()["usage"]["total_tokens"] == sum(len(ids) for _, seqs in expected for ids in seqs)
