@@ -274,6 +274,10 @@ class RerankService:
                 "autoscaling_config": model.autoscaling_config,
                 "num_cpus": model.resolved_num_cpus,
                 "num_gpus": model.num_gpus,
+                # Sized by the replica at runtime unless num_cpus is set (serve_app/resources.py).
+                "torch_threads": loaded.get("torch_threads"),
+                "torch_threads_from": loaded.get("torch_threads_from"),
+                "cpus_seen": loaded.get("cpus_seen"),
             },
         }
 
@@ -289,6 +293,9 @@ class RerankService:
             "max_client_batch_size": self.settings.max_candidates,
             "max_body_bytes": self.settings.max_body_bytes,
             "auth_required": self.settings.api_key is not None,
+            "ingress": {"num_replicas": self.settings.ingress.num_replicas,
+                        "autoscaling_config": self.settings.ingress.autoscaling_config,
+                        "num_cpus": self.settings.ingress.num_cpus},
             # TEI /info field names, for the default model.
             "model_id": default["model_id"],
             "model_dtype": default["dtype"],
