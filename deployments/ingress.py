@@ -71,6 +71,17 @@ class HandleBackend:
     async def ready(self) -> tuple[bool, str]:
         return deployment_readiness(await self._status.get(), self.handle.app_name, self.handle.deployment_name)
 
+    async def replicas(self) -> int | None:
+        """RUNNING replicas of the model, from the status cache (at most one controller call a second)."""
+        return running_replicas(await self._status.get(), self.handle.app_name, self.handle.deployment_name)
+
+
+def running_replicas(status: Any, app_name: str, deployment_name: str) -> int | None:
+    """RUNNING replicas of a deployment in `serve.status()`, None when it is not there."""
+    app = status.applications.get(app_name)
+    deployment = app.deployments.get(deployment_name) if app else None
+    return None if deployment is None else int(deployment.replica_states.get("RUNNING", 0))
+
 
 # A deployment the controller calls healthy can serve even with no replica running: scaled to zero, or
 # starting one for a request that waits at the handle (Ray's cold-start path).
