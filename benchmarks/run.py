@@ -1,15 +1,18 @@
 """Side-by-side speed: sentence-transformers (a), this project's scorer in-process (b), the HTTP service (c).
 
     python -m benchmarks.run --device cpu|cuda [--quick] [--out results.json]
+    python -m benchmarks.run --capacity [--max-ingress-replicas N]   # serving capacity, no model forward
 
 Offline: random-weight models with the real shapes (benchmarks/build.py), NQ-like token counts
 (benchmarks/workload.py). For each model, in one run:
   (a) sentence-transformers `CrossEncoder.predict` in-process (fp32 on CPU; bf16 on GPU with flash-attn 2
-      when installed, else SDPA), raw scores;
+      when installed, else SDPA), raw scores, at each of --st-batch-sizes (32, 128, 512); (a) is the best;
   (b) `models.load_scorer(dir).score(models.load_encoder(dir).encode(pairs))`, encode + score timed;
-  (c) the Ray Serve application of `serve_app.build_app` over HTTP: concurrent clients POST `/predict` and
-      `/rerank` with `--pairs-per-request` pairs each; and the latency p50/p99 of one query x 100 documents
-      via `/rerank`.
+  (c) the Ray Serve application of `serve_app.build_app` over HTTP, with the service's DEFAULT layout unless
+      --model-replicas / --model-cpus are given: concurrent clients POST `/predict` and `/rerank` with
+      `--pairs-per-request` pairs each; and the latency p50/p99 of one query x 100 documents via `/rerank`.
+--capacity measures the tokenizing tier instead (benchmarks/capacity.py): the service's Ingress in front of a
+benchmark-only model that does no forward, for 1..N ingress replicas, next to Encoder.encode on one core.
 Prints pairs/s and the ratios b/a, c/a; writes every figure as JSON. The exit status is 1 when a stage failed
 (its error is in the JSON). --quick (CI smoke): ettin-17m only, few pairs, one repeat; asserts nothing.
 """
@@ -65,9 +68,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, repeats: int, device: str):
-    """(median seconds, all seconds, last result) after one untimed warm-up call."""
-    result = fn()
+def _timed(fn, repeats: int, device: str, warm_up: bool = True):
+    """(median seconds, all seconds, last result) after one untimed warm-up call (unless warm_up=False)."""
+    result = fn() if warm_up else None
     seconds = []
     for _ in range(repeats):
         _sync(device)
@@ -104,18 +107,26 @@ def st_attention(device: str) -> str:
 
 
 def bench_sentence_transformers(model_dir: Path, pairs, *, device: str, dtype: str, repeats: int,
-                                batch_size: int) -> dict:
+                                batch_sizes: list[int]) -> dict:
+    """CrossEncoder.predict at each batch size; the figures of the best one, and every one under `by_batch_size`."""
     import torch
     from sentence_transformers import CrossEncoder
 
     attn = st_attention(device)
     ce = CrossEncoder(str(model_dir), device=device, local_files_only=True,
                       model_kwargs={"dtype": getattr(torch, dtype), "attn_implementation": attn})
-    predict = lambda: ce.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(),  # noqa: E731
-                                 show_progress_bar=False)
-    median, seconds, scores = _timed(predict, repeats, device)
-    out = {"pairs_per_s": len(pairs) / median, "seconds": seconds, "dtype": dtype, "attn_implementation": attn,
-           "batch_size": batch_size}
+    by_size, scores = {}, None
+    for batch_size in batch_sizes:
+        predict = lambda: ce.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(),  # noqa: E731
+                                     show_progress_bar=False)
+        # The model is warm after the first size: later sizes are timed without a warm-up call of their own.
+        median, seconds, scores = _timed(predict, repeats, device, warm_up=not by_size)
+        by_size[batch_size] = {"pairs_per_s": len(pairs) / median, "seconds": seconds}
+        print(f"  (a) batch {batch_size}: {len(pairs) / median:.1f} pairs/s", flush=True)
+    best = max(by_size, key=lambda b: by_size[b]["pairs_per_s"])
+    out = {**by_size[best], "dtype": dtype, "attn_implementation": attn, "batch_size": best,
+           "by_batch_size": {str(b): v["pairs_per_s"] for b, v in by_size.items()}}
+    batch_size = best
     del ce
     _free(device)
     reference = None
@@ -161,33 +172,41 @@ class Service:
     """serve_app.build_app on a local Ray Serve instance, in this process; `close()` shuts it all down."""
 
     def __init__(self, model_dirs: dict[str, Path], *, device: str, dtype: str, token_budget: int | None,
-                 model_cpus: float, model_replicas: int = 1, timeout_s: float = 600):
+                 model_cpus: float | None = None, model_replicas: int | None = None, timeout_s: float = 600,
+                 start_app: bool = True):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
         from ray import serve
 
         from serve_app import build_app
 
-        cores = os.cpu_count() or 1
-        # Logical CPUs: what the model replicas reserve (at least the machine's cores), plus room for the
-        # ingress.
+        # Logical CPUs: the machine's, as a plain `serve run` sees them; with an explicit layout, enough for
+        # what the model replicas reserve plus the ingress.
         # address="local": a cluster of our own, never one that another process (a test session) started.
-        reserved = math.ceil(model_cpus * model_replicas * len(model_dirs))
-        ray.init(address="local", num_cpus=max(cores, reserved) + 1,
+        num_cpus = None
+        if model_cpus is not None or model_replicas is not None:
+            reserved = math.ceil((model_cpus or 1.0) * (model_replicas or 1) * len(model_dirs))
+            num_cpus = max(os.cpu_count() or 1, reserved) + 1
+        ray.init(address="local", num_cpus=num_cpus,
                  include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         self.port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        self.url = f"http://127.0.0.1:{self.port}"
+        if not start_app:
+            return
         specs = []
         for name, path in model_dirs.items():
-            spec = {"name": name, "model_id": str(path), "dtype": dtype, "device": device, "num_cpus": model_cpus,
-                    "num_replicas": model_replicas}
+            spec = {"name": name, "model_id": str(path), "dtype": dtype, "device": device}
+            if model_cpus is not None:
+                spec["num_cpus"] = model_cpus
+            if model_replicas is not None:
+                spec["num_replicas"] = model_replicas
             if device == "cuda":
                 spec["num_gpus"] = 1.0 / len(model_dirs)
             if token_budget:
                 spec["token_budget"] = token_budget
             specs.append(spec)
         serve.run(build_app({"models": specs}), name="benchmark", route_prefix="/", blocking=False)
-        self.url = f"http://127.0.0.1:{self.port}"
         self._wait_healthy(timeout_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:
@@ -211,8 +230,8 @@ class Service:
             ray.shutdown()
 
 
-def _post_all(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[dict | list]]:
-    """POST every body with `concurrency` clients; (wall seconds, responses in body order)."""
+def _post_all(url: str, bodies: list[bytes], concurrency: int, parse: bool = True) -> tuple[float, list]:
+    """POST every body with `concurrency` clients; (wall seconds, responses in body order; None unparsed)."""
     import httpx
     results: list = [None] * len(bodies)
     errors: list[str] = []
@@ -230,7 +249,7 @@ def _post_all(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, l
                 if r.status_code != 200:
                     errors.append(f"{r.status_code}: {r.text[:300]}")
                     return
-                results[i] = r.json()
+                results[i] = r.json() if parse else None
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     start = time.perf_counter()
@@ -308,10 +327,9 @@ def _defaults(args) -> None:
         args.latency_requests = 2 if args.quick else (20 if args.device == "cpu" else 100)
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
-    if args.model_replicas is None:  # CPU: one single-thread replica per core (README "CPU layout")
-        args.model_replicas = (os.cpu_count() or 1) if args.device == "cpu" else 1
-    if args.model_cpus is None:
-        args.model_cpus = 1.0
+    if args.max_ingress_replicas is None:
+        from serve_app.resources import usable_cpus
+        args.max_ingress_replicas = usable_cpus()
 
 
 def parse_args(argv=None):
@@ -327,11 +345,16 @@ def parse_args(argv=None):
     ap.add_argument("--latency-requests", type=int, help="requests timed for the 1 x 100 latency")
     ap.add_argument("--repeats", type=int, help="timed repeats of (a) and (b) (median reported)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default fp32 CPU, bf16 GPU")
-    ap.add_argument("--st-batch-size", type=int, default=32, help="CrossEncoder.predict batch size (its default)")
+    ap.add_argument("--st-batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[32, 128, 512],
+                    help="CrossEncoder.predict batch sizes to try (32 is its default); (a) is the best")
     ap.add_argument("--token-budget", type=int, help="token budget of the project's scorer (default: its own)")
-    ap.add_argument("--model-cpus", type=float, help="CPUs (and torch threads) of each model replica (default 1)")
-    ap.add_argument("--model-replicas", type=int, help="replicas of each model (default: one per core on CPU, "
-                                                       "1 on CUDA)")
+    ap.add_argument("--model-cpus", type=float, help="num_cpus (and torch threads) of each model replica "
+                                                     "(default: the service's default)")
+    ap.add_argument("--model-replicas", type=int, help="replicas of each model (default: the service's default)")
+    ap.add_argument("--capacity", action="store_true", help="serving capacity of the tokenizing tier: the "
+                    "Ingress over a model that does no forward, 1..N ingress replicas (benchmarks/capacity.py)")
+    ap.add_argument("--max-ingress-replicas", type=int, help="--capacity: up to this many ingress replicas "
+                                                            "(default: the CPUs this process sees)")
     ap.add_argument("--workdir", help="where models are built (reused when complete); default a temp dir")
     ap.add_argument("--skip-http", action="store_true", help="measure (a) and (b) only")
     args = ap.parse_args(argv)
@@ -372,11 +395,13 @@ def run(args) -> dict:
         if path is None:
             continue
         dirs[name] = path
+        if args.capacity:
+            continue
         st_pairs = qwen_st_pairs(pairs) if name == QWEN else pairs
         fp32 = None
         a = _stage(entry, "a_sentence_transformers", lambda: bench_sentence_transformers(
             path, st_pairs, device=args.device, dtype=args.dtype, repeats=args.repeats,
-            batch_size=args.st_batch_size))
+            batch_sizes=args.st_batch_sizes))
         if a:
             entry["a_sentence_transformers"], references[name], fp32 = a
         b = _stage(entry, "b_scorer", lambda: bench_scorer(path, pairs, device=args.device, dtype=args.dtype,
@@ -388,6 +413,11 @@ def run(args) -> dict:
                 if fp32 is not None:
                     entry["b_scorer"]["vs_fp32"] = _agreement(scores, fp32)
         entry["pairs"], entry["mean_pair_tokens"] = len(pairs), entry.get("b_scorer", {}).get("tokens", 0) / len(pairs)
+
+    if args.capacity:
+        from .capacity import run_capacity
+        run_capacity(args, dirs, pairs, report)
+        return report
 
     if not args.skip_http and dirs:
         service = _stage(report, "service", lambda: Service(dirs, device=args.device, dtype=args.dtype,
@@ -409,11 +439,16 @@ def run(args) -> dict:
                 service.close()
 
     for name, entry in report["models"].items():
+        if args.capacity:
+            continue
         rate = lambda key: entry.get(key, {}).get("pairs_per_s")  # noqa: E731
         a, b, cp, cr = rate("a_sentence_transformers"), rate("b_scorer"), rate("c_http_predict"), rate("c_http_rerank")
         ratio = lambda x, y: (x / y) if x and y else None  # noqa: E731
         entry["ratios"] = {"b_over_a": ratio(b, a), "c_predict_over_a": ratio(cp, a),
                            "c_rerank_over_a": ratio(cr, a), "c_predict_over_b": ratio(cp, b)}
+        a32 = entry.get("a_sentence_transformers", {}).get("by_batch_size", {}).get("32")
+        if a32:  # against ST at its default batch size too, as earlier runs reported
+            entry["ratios"].update({"c_predict_over_a_at_32": ratio(cp, a32), "c_rerank_over_a_at_32": ratio(cr, a32)})
     return report
 
 
@@ -422,6 +457,8 @@ def print_table(report: dict) -> None:
     print(f"\n{'model':12s} {'(a) ST':>10s} {'(b) scorer':>11s} {'(c) predict':>12s} {'(c) rerank':>11s} "
           f"{'b/a':>6s} {'c/a':>6s} {'p50 ms':>8s} {'p99 ms':>8s}   (pairs/s; latency: 1 query x 100 docs)")
     for name, e in report["models"].items():
+        if "ratios" not in e:
+            continue
         rate = lambda key: e.get(key, {}).get("pairs_per_s")  # noqa: E731
         lat = e.get("latency_rerank_1x100_ms", {})
         r = e.get("ratios", {})
@@ -429,6 +466,11 @@ def print_table(report: dict) -> None:
               f"{fmt(rate('c_http_predict'), '12.1f')} {fmt(rate('c_http_rerank'), '11.1f')} "
               f"{fmt(r.get('b_over_a'), '6.2f')} {fmt(r.get('c_predict_over_a'), '6.2f')} "
               f"{fmt(lat.get('p50'), '8.1f')} {fmt(lat.get('p99'), '8.1f')}")
+        by_size = e.get("a_sentence_transformers", {}).get("by_batch_size")
+        if by_size:
+            print(f"{'':12s} (a) by batch size: " + ", ".join(f"{b}: {v:.1f}" for b, v in by_size.items())
+                  + f"; c/a at 32: {fmt(r.get('c_predict_over_a_at_32'), '.2f')} (predict), "
+                    f"{fmt(r.get('c_rerank_over_a_at_32'), '.2f')} (rerank)")
     for err in report.get("errors", []) + [f"{n}: {x}" for n, e in report["models"].items()
                                            for x in e.get("errors", [])]:
         print("ERROR", err)
@@ -437,6 +479,9 @@ def print_table(report: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     report = run(args)
+    if args.capacity:
+        from .capacity import print_capacity
+        print_capacity(report)
     print_table(report)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from ray import serve
 from autoscaling import WorkTracker
 from models.encoded import EncodedBatch
 from models.errors import InputError
+from serve_app.resources import model_torch_threads, usable_cpus
 from serve_app.settings import ModelSettings
 
 logger = logging.getLogger("ray.serve")
@@ -95,12 +95,13 @@ class ModelReplica:
 
         self.settings = model
         device = model.resolved_device
-        threads = None
-        if device == "cpu":
+        # Sized here, at runtime: only the replica knows the CPUs of the machine it landed on (serve_app/resources).
+        self.cpus_seen = usable_cpus()
+        threads, self.threads_from = model_torch_threads(model.num_cpus, device, self.cpus_seen)
+        self.torch_threads = threads
+        if threads is not None:
             import torch
-            # Use the CPUs Ray reserved for this replica, not every core of the machine.
-            threads = max(1, math.floor(model.resolved_num_cpus))
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # Ray sets 1 (OMP_NUM_THREADS) in an actor of fractional num_cpus
         # Every forward runs on this one thread: OpenMP sizes its pool per calling thread, so the thread count
         # is set where the work runs, and the pool stays warm instead of moving between to_thread workers.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model.name}",
@@ -227,7 +228,9 @@ class ModelReplica:
         return {"family": self.scorer.family, "dtype": _dtype_name(self.scorer.dtype),
                 "device": str(self.scorer.device), "max_length": self.scorer.max_length,
                 "token_budget": self.token_budget, "num_parameters": int(self.scorer.num_parameters),
-                "load_time_s": round(self.load_time_s, 3)}
+                "load_time_s": round(self.load_time_s, 3),
+                "torch_threads": self.torch_threads, "torch_threads_from": self.threads_from,
+                "cpus_seen": self.cpus_seen}
 
     def check_health(self) -> None:
         """Called by Ray Serve periodically; raising makes it replace this replica."""

@@ -94,6 +94,58 @@ def pad_right(batch: EncodedBatch, index: np.ndarray, pad_id: int, with_types: b
     return ids, mask, types
 
 
+def input_tensors(inputs) -> list[torch.Tensor]:
+    """The tensors of one chunk's inputs: a padded (ids, mask, types | None) tuple or a PackedInputs."""
+    if isinstance(inputs, tuple):
+        return [t for t in inputs if t is not None]
+    return [t for t in (inputs.input_ids, inputs.position_ids, inputs.cu_seq_lens, inputs.token_type_ids)
+            if t is not None]
+
+
+def move_inputs(inputs, move):
+    """`inputs` (as in `input_tensors`) with every tensor replaced by move(tensor)."""
+    if isinstance(inputs, tuple):
+        return tuple(None if t is None else move(t) for t in inputs)
+    from dataclasses import replace
+    m = lambda t: None if t is None else move(t)  # noqa: E731
+    return replace(inputs, input_ids=m(inputs.input_ids), position_ids=m(inputs.position_ids),
+                   cu_seq_lens=m(inputs.cu_seq_lens), token_type_ids=m(inputs.token_type_ids))
+
+
+class CudaTransfer:
+    """Host-to-device copies of a CUDA scorer on a side stream, so chunk k+1's copy overlaps chunk k's forward.
+
+    upload(): non-blocking copies of pinned host inputs, issued on the copy stream, plus an event recorded
+    after them. ready(): the compute (current) stream waits for that event on the device (the host never
+    waits), and each device tensor is marked as used by the compute stream (`record_stream`), so the caching
+    allocator does not hand its memory out again before the forward that reads it is done. to_host(): the
+    one device-to-host copy of a `score` call. `cuda` is torch.cuda (a fake in the CPU tests).
+    """
+
+    def __init__(self, device: str, cuda=None):
+        self.cuda = torch.cuda if cuda is None else cuda
+        self.device = torch.device(device)
+        self.copy_stream = self.cuda.Stream(device=self.device)
+
+    def upload(self, host_inputs):
+        with self.cuda.stream(self.copy_stream):
+            moved = move_inputs(host_inputs, lambda t: t.to(self.device, non_blocking=True))
+            event = self.cuda.Event()
+            event.record(self.copy_stream)
+        return moved, event
+
+    def ready(self, pending):
+        moved, event = pending
+        compute = self.cuda.current_stream(self.device)
+        compute.wait_event(event)
+        for t in input_tensors(moved):
+            t.record_stream(compute)
+        return moved
+
+    def to_host(self, scores: torch.Tensor) -> np.ndarray:
+        return scores.cpu().numpy()
+
+
 class Scorer:
     """A loaded model: takes an EncodedBatch from the matching Encoder, returns raw float32 scores in input order."""
 
@@ -152,10 +204,55 @@ class Scorer:
         if lengths.min() < 1:
             raise ValueError("cannot score an empty sequence (no tokens)")
         packed = self.execution == "packed"
+        transfer = self._transfer()
         with torch.inference_mode():
-            for index in self.chunks(lengths):
+            chunks = self.chunks(lengths)
+            if transfer is not None:
+                out[np.concatenate(chunks)] = self._score_pipelined(batch, chunks, transfer)
+                return out
+            # CPU: nothing to overlap (no copy); each chunk's scores are already host memory.
+            for index in chunks:
                 out[index] = self._score_packed(batch, index) if packed else self._score_chunk(batch, index)
         return out
+
+    def _transfer(self) -> "CudaTransfer | None":
+        """The host-to-device pipeline of a CUDA scorer (made once), None on CPU. Tests set `transfer`."""
+        if getattr(self, "transfer", None) is None and self.device.startswith("cuda"):
+            self.transfer = CudaTransfer(self.device)
+        return getattr(self, "transfer", None)
+
+    def _score_pipelined(self, batch: EncodedBatch, chunks: list[np.ndarray], transfer) -> np.ndarray:
+        """Raw scores of `chunks` in chunk order (concatenated), keeping the device busy:
+
+        chunk k's forward is queued first, then chunk k+1 is packed on the host and copied on the side stream
+        while the device runs chunk k; scores stay on the device, and come back in ONE copy at the end (the only
+        synchronisation of the call).
+        """
+        pending = transfer.upload(self._prepare(batch, chunks[0]))
+        parts = []
+        for k in range(len(chunks)):
+            inputs = transfer.ready(pending)  # the compute stream waits for this chunk's copy, not the host
+            parts.append(self._run(inputs).float().reshape(-1))  # queued; returns before the device finishes
+            if k + 1 < len(chunks):
+                pending = transfer.upload(self._prepare(batch, chunks[k + 1]))
+        return np.asarray(transfer.to_host(torch.cat(parts) if len(parts) > 1 else parts[0]), dtype=np.float32)
+
+    def _prepare(self, batch: EncodedBatch, index: np.ndarray):
+        """Host inputs of one chunk, page-locked on CUDA (an asynchronous copy needs pinned memory)."""
+        pin = self.device.startswith("cuda")
+        if self.execution == "packed":
+            from .packing import pack
+            return pack(batch, index, position_offset=self.position_offset, with_token_types=self.uses_token_types,
+                        pin_memory=pin)
+        ids, mask, types = pad_right(batch, index, self.pad_id, self.uses_token_types)
+        host = lambda a: None if a is None else (torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a))  # noqa: E731
+        return host(ids), host(mask), host(types)
+
+    def _run(self, inputs) -> torch.Tensor:
+        """The forward of one chunk's device inputs (from `_prepare`, moved): raw scores on the device."""
+        if self.execution == "packed":
+            return self._forward_packed(inputs)
+        return self._forward_padded(*inputs)
 
     def chunks(self, lengths: np.ndarray) -> list[np.ndarray]:
         """Index arrays of the forward chunks `score` runs for sequences of these lengths.

@@ -12,6 +12,7 @@ from ray.serve import Application
 
 from autoscaling import autoscaling_options
 from models.hub import count_parameters, is_local_path
+from serve_app.resources import gpu_ingress_replicas, gpu_node_cpus
 from serve_app.settings import AppSettings, ModelSettings, deployment_name
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,25 @@ def model_autoscaling_options(model: ModelSettings, num_parameters: int | None) 
     return options
 
 
+def ingress_replicas(settings: AppSettings, node_cpus: int | None = None) -> int | str:
+    """The ingress replica count: as set, else 1 on CPU and, with a model on a GPU, sized from the GPU
+    node's CPUs (`node_cpus`, default: looked up) so that tokenization keeps the GPU busy."""
+    if settings.ingress.num_replicas is not None:
+        return settings.ingress.num_replicas
+    if not any(m.num_gpus > 0 for m in settings.models):
+        return 1
+    return gpu_ingress_replicas(gpu_node_cpus() if node_cpus is None else node_cpus)
+
+
+def with_ingress_sized(settings: AppSettings, node_cpus: int | None = None) -> AppSettings:
+    """`settings` with the ingress replica count resolved (what /info reports and Ray gets)."""
+    if settings.ingress.num_replicas is not None or settings.ingress.autoscaling_config is not None:
+        return settings
+    n = ingress_replicas(settings, node_cpus)
+    logger.info("ingress: %s replica(s) by default", n)
+    return settings.model_copy(update={"ingress": settings.ingress.model_copy(update={"num_replicas": n})})
+
+
 def ingress_options(settings: AppSettings) -> dict[str, Any]:
     ingress = settings.ingress
     options: dict[str, Any] = {
@@ -99,7 +119,7 @@ def ingress_options(settings: AppSettings) -> dict[str, Any]:
     if ingress.autoscaling_config is not None:
         options["autoscaling_config"] = dict(ingress.autoscaling_config)
     else:
-        options["num_replicas"] = ingress.num_replicas
+        options["num_replicas"] = ingress_replicas(settings)
     return options
 
 
@@ -128,6 +148,7 @@ def build_app(args: AppSettings) -> Application:
     from deployments.model import ModelDeployment
 
     settings = args if isinstance(args, AppSettings) else AppSettings.model_validate(args)
+    settings = with_ingress_sized(settings)
     hf_token = settings.hf_token.get_secret_value() if settings.hf_token else None
     for model in settings.models:
         check_model_source(model)

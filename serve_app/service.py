@@ -45,6 +45,9 @@ class ModelBackend(Protocol):
     async def ready(self) -> tuple[bool, str]:
         """(can serve now, why not)."""
 
+    # Optional: `async def replicas(self) -> int | None`, the model's running replicas (None: unknown). With
+    # it, a request is cut into pieces only when there are several replicas to share them (see `score`).
+
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """Numerically stable logistic function in float64 (no overflow warnings for |x| > 709)."""
@@ -63,6 +66,18 @@ def rank_order(scores: np.ndarray, top_n: int | None) -> np.ndarray:
 def _json_float(x: float) -> float | None:
     # JSON has no NaN/Infinity; a non-finite score (e.g. an fp16 overflow) is reported as null.
     return float(x) if math.isfinite(x) else None
+
+
+async def _replicas(backend: Any) -> int | None:
+    """The backend's running replica count, None when it cannot tell (then `max_fanout` alone decides)."""
+    count = getattr(backend, "replicas", None)
+    if count is None:
+        return None
+    try:
+        return await count()
+    except Exception as e:  # noqa: BLE001 - sizing the fan-out must never fail a request
+        logger.warning("replica count unavailable: %r", e)
+        return None
 
 
 async def _all_or_cancel(calls: Sequence[Awaitable[np.ndarray]]) -> list[np.ndarray]:
@@ -154,8 +169,15 @@ class RerankService:
         backend = self.backends[model.name]
         # No more pieces than one replica takes at once: a lone request never queues (nor gets a 429)
         # because of its own pieces.
-        pieces = plan_pieces(batch.lengths, piece_tokens=self._piece_tokens[model.name],
-                             max_pieces=min(model.max_fanout, model.max_ongoing_requests))
+        max_pieces = min(model.max_fanout, model.max_ongoing_requests)
+        replicas = await _replicas(backend)
+        if replicas is not None:
+            # Pieces pay only where several replicas share them: one replica (which uses every CPU it sees)
+            # would merge them back into the same forward batches, and each piece costs the ingress a handle
+            # call (measured: 8 pieces a request took ~20% of the ingress CPU, benchmarks/README.md).
+            # Two per replica keep replicas even when Ray's router sends two pieces to the same one.
+            max_pieces = 1 if replicas <= 1 else min(max_pieces, 2 * replicas)
+        pieces = plan_pieces(batch.lengths, piece_tokens=self._piece_tokens[model.name], max_pieces=max_pieces)
         if len(pieces) == 1:
             parts = [await backend.score(batch)]
         else:
@@ -301,6 +323,10 @@ class RerankService:
                 "autoscaling_config": model.autoscaling_config.given() if model.autoscaling_config else None,
                 "num_cpus": model.resolved_num_cpus,
                 "num_gpus": model.num_gpus,
+                # Sized by the replica at runtime unless num_cpus is set (serve_app/resources.py).
+                "torch_threads": loaded.get("torch_threads"),
+                "torch_threads_from": loaded.get("torch_threads_from"),
+                "cpus_seen": loaded.get("cpus_seen"),
             },
         }
 
@@ -316,6 +342,9 @@ class RerankService:
             "max_client_batch_size": self.settings.max_candidates,
             "max_body_bytes": self.settings.max_body_bytes,
             "auth_required": self.settings.api_key is not None,
+            "ingress": {"num_replicas": self.settings.ingress.num_replicas,
+                        "autoscaling_config": self.settings.ingress.autoscaling_config,
+                        "num_cpus": self.settings.ingress.num_cpus},
             # TEI /info field names, for the default model.
             "model_id": default["model_id"],
             "model_dtype": default["dtype"],

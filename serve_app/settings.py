@@ -22,7 +22,9 @@ API_KEY_ENV = "RERANK_API_KEY"
 HF_TOKEN_ENV = "HF_TOKEN"
 
 # Several CPU models plus the ingress must start on a 2-core machine under a plain `serve run`
-# (Ray's default of 1 CPU per replica would leave the third replica pending forever).
+# (Ray's default of 1 CPU per replica would leave the third replica pending forever). These are Ray's LOGICAL
+# reservations only: a CPU replica left at the default runs as many torch threads as CPUs it sees
+# (serve_app/resources.py), so one model alone uses the whole machine.
 DEFAULT_MODEL_CPUS = 0.5
 DEFAULT_GPU_MODEL_CPUS = 1.0
 DEFAULT_INGRESS_CPUS = 0.25
@@ -66,7 +68,9 @@ class ModelSettings(BaseModel):
         "scale-to-zero | fixed) and overrides of it (any field of Ray's AutoscalingConfig, `metric`, "
         "`target_work_per_replica`, `target_budgets_per_replica`). Unknown keys are an error."))
     num_cpus: float | None = Field(default=None, ge=0, description=(
-        f"CPUs reserved per replica; default {DEFAULT_MODEL_CPUS} on CPU, {DEFAULT_GPU_MODEL_CPUS} with a GPU."))
+        f"CPUs Ray reserves per replica; default {DEFAULT_MODEL_CPUS} on CPU, {DEFAULT_GPU_MODEL_CPUS} with a GPU. "
+        "Set: the replica runs floor(num_cpus) torch threads (at least 1); unset on CPU: one thread per CPU the "
+        "replica sees (affinity and cgroup quota)."))
     num_gpus: float = Field(default=0, ge=0, description="GPU share per replica; > 0 serves on CUDA.")
     accelerator_type: str | None = None
     token_budget: PositiveInt | None = Field(default=None, description=(
@@ -158,7 +162,9 @@ class IngressSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: Union[PositiveInt, Literal["auto"]] = 1
+    num_replicas: Union[PositiveInt, Literal["auto"], None] = Field(default=None, description=(
+        "Tokenizing replicas. Default: 1 when every model is on CPU; with a model on a GPU, one per "
+        "2 CPUs of the GPU node (at most 16), so tokenization keeps the GPU busy (serve_app/resources.py)."))
     autoscaling_config: dict[str, Any] | None = None
     num_cpus: float = Field(default=DEFAULT_INGRESS_CPUS, ge=0)
     max_ongoing_requests: PositiveInt = 256

@@ -172,6 +172,11 @@ def test_info_models_health_docs(main_url, tiny):
     assert by_name["bert"]["max_input_length"] == 64 and by_name["qwen"]["max_input_length"] == 512
     assert by_name["bert"]["batching"]["token_budget"] == 40
     assert by_name["modular"]["batching"]["max_batch_wait_s"] == 0.02
+    for m in by_name.values():  # num_cpus 0.25 set: one torch thread, sized from the setting, not the machine
+        serving = m["serving"]
+        assert serving["torch_threads"] == 1 and serving["torch_threads_from"] == "num_cpus", serving
+        assert serving["cpus_seen"] >= 1
+    assert info["ingress"]["num_replicas"] == 1  # every model on CPU: one tokenizing replica
 
     models = requests.get(main_url + "/v1/models", timeout=30).json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["modular", "bert", "qwen"]

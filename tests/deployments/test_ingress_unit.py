@@ -34,3 +34,10 @@ def test_deployment_readiness(dep_status, running, ok):
 def test_missing_deployment_or_app_is_not_ready():
     assert deployment_readiness(status(DeploymentStatus.HEALTHY, 1), "app", "model-b")[0] is False
     assert deployment_readiness(status(DeploymentStatus.HEALTHY, 1), "other", "model-a")[0] is False
+
+
+def test_running_replicas_counts_running_only():
+    from deployments.ingress import running_replicas
+    assert running_replicas(status(DeploymentStatus.HEALTHY, 3, starting=1), "app", "model-a") == 3
+    assert running_replicas(status(DeploymentStatus.UPSCALING, 0, starting=1), "app", "model-a") == 0
+    assert running_replicas(status(DeploymentStatus.HEALTHY, 1), "app", "model-b") is None

@@ -165,3 +165,57 @@ def test_encoded_batch_is_compact(encoders):
     assert batch.input_ids.dtype == np.int32 and batch.offsets.dtype == np.int64
     assert batch.token_type_ids.dtype == np.int8
     assert encoders["modular"].encode([("q", "d")]).token_type_ids is None
+
+
+def _pairwise(enc, items, **kw):
+    """The reference: every item encoded as its own pair (one query each, never shared)."""
+    return [enc.encode([item], **kw) for item in items]
+
+
+@pytest.mark.parametrize("variant", ["modular", "modular_legacy", "bert", "xlmr", "modernbert_cls"])
+@pytest.mark.parametrize("direction", ["right", "left"])
+@pytest.mark.parametrize("query", [QUERIES[0], QUERIES[3], "", LONG * 2])
+def test_one_query_is_tokenized_once_with_the_same_result(encoders, tiny, variant, direction, query, monkeypatch):
+    """A rerank request (one query, many documents) takes the query-once path: ids and token types equal the
+    tokenizer's own pair encoding, with longest_first truncation either way (long documents, a long query).
+    The path is forced for every query length here (min_tokens=0); `encode` takes it for long queries only."""
+    from models import encoding
+    from models.encoding import shared_query
+
+    monkeypatch.setattr(encoding, "QUERY_ONCE_MIN_TOKENS", 0)
+    calls = []
+    real = encoding.PairEncoder._encode_one_query
+    monkeypatch.setattr(encoding.PairEncoder, "_encode_one_query",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+
+    enc = encoders[variant]
+    docs = DOCS + [LONG, LONG * 3, "", "é"]
+    items = [(query, d) for d in docs]
+    assert shared_query(items) and not shared_query(items[:1]) and not shared_query(items + [("other", "d")])
+    for truncate in ([True, False] if query != LONG * 2 else [True]):
+        kw = dict(direction=direction, truncate=truncate)
+        items_ok = items if truncate else \
+            [x for x in items if len(enc.encode([x]).sequence(0)) < enc.max_length]  # what fits untruncated
+        assert len(items_ok) >= 2
+        batch = enc.encode(items_ok, **kw)
+        ref = _pairwise(enc, items_ok, **kw)
+        assert [batch.sequence(i).tolist() for i in range(len(items_ok))] == [r.sequence(0).tolist() for r in ref]
+        assert calls, "the query-once path was not taken"
+        types = [batch.token_types(i) for i in range(len(items_ok))]
+        assert [None if t is None else t.tolist() for t in types] == \
+            [None if r.token_types(0) is None else r.token_types(0).tolist() for r in ref]
+    if variant in ("bert", "xlmr"):  # against transformers' tokenizer itself, not only our pair path
+        tok = AutoTokenizer.from_pretrained(str(tiny[variant]))
+        tok.truncation_side = direction
+        want = tok([query] * len(docs), docs, truncation="longest_first", max_length=enc.max_length)["input_ids"]
+        batch = enc.encode(items, direction=direction)
+        assert [batch.sequence(i).tolist() for i in range(len(docs))] == want
+
+
+def test_query_once_only_for_long_queries(encoders):
+    from models.encoding import QUERY_ONCE_MIN_TOKENS
+    enc = encoders["bert"]
+    short = [("paris", d) for d in DOCS]
+    assert enc._encode_one_query(short, enc._cut["right"]) is None  # a short query: pairs encoded as usual
+    long_query = " ".join(["berlin"] * (QUERY_ONCE_MIN_TOKENS + 1))
+    assert enc._encode_one_query([(long_query, d) for d in DOCS], enc._cut["right"]) is not None

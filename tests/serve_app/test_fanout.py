@@ -112,3 +112,29 @@ def test_a_request_never_has_more_pieces_than_a_replica_takes_at_once():
     r = _client(backend, token_budget=40, max_fanout=8, max_ongoing_requests=2).post(
         "/rerank", json={"query": "q", "texts": DOCS})
     assert r.status_code == 200 and len(backend.calls) == 2
+
+
+class ReplicaCountingBackend(SlowBackend):
+    """A backend that knows how many replicas its model runs (deployments/ingress.py HandleBackend)."""
+
+    def __init__(self, table, count):
+        super().__init__(table)
+        self.count = count
+
+    async def replicas(self):
+        if isinstance(self.count, Exception):
+            raise self.count
+        return self.count
+
+
+@pytest.mark.parametrize("count, calls", [(1, 1), (0, 1), (2, 4), (3, 6), (None, 8), (RuntimeError("down"), 8)])
+def test_pieces_follow_the_running_replicas(count, calls):
+    """One replica gets the request whole (its pieces would be merged back, each costing a handle call);
+    several get two pieces each, within max_fanout; an unknown count leaves max_fanout alone."""
+    table = {d.strip(): float(i) for i, d in enumerate(DOCS)}
+    backend = ReplicaCountingBackend(table, count)
+    r = _client(backend, token_budget=40, max_fanout=8).post(
+        "/rerank", json={"query": "q", "texts": DOCS, "raw_scores": True})
+    assert r.status_code == 200, r.text
+    assert {item["index"]: item["score"] for item in r.json()} == {i: float(i) for i in range(len(DOCS))}
+    assert len(backend.calls) == calls
