@@ -16,6 +16,7 @@ import numpy as np
 from ray import serve
 
 from autoscaling import WorkTracker
+from models.cutting import scatter
 from models.encoded import EncodedBatch
 from models.errors import InputError
 from serve_app.resources import model_torch_threads, usable_cpus
@@ -30,7 +31,7 @@ _FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "device-side assert", "out of m
 
 @dataclass
 class Work:
-    """One queued piece of a request: at most a token budget of its sequences, in request order."""
+    """One queued request, or one forward chunk of a request bigger than the token budget."""
 
     batch: EncodedBatch
     arrived: float  # time.monotonic() when the request reached the replica
@@ -51,11 +52,12 @@ def batch_tokens(works: Sequence[Work]) -> int:
 
 
 def split_by_chunks(batch: EncodedBatch, chunks: Sequence[np.ndarray]) -> list[tuple[np.ndarray, EncodedBatch]]:
-    """(indices, piece) per forward chunk of a request too big for one batch (`Scorer.chunks` plans them).
+    """(indices, sub-batch) per forward chunk of a request too big for one batch (`Scorer.chunks` plans them,
+    models/cutting.py).
 
-    Ray's batcher fails an item larger than its budget, so a big request is queued as several pieces, which
-    batch like any other request. Pieces follow the scorer's length-sorted chunks, so each holds sequences
-    of similar length: cutting the request in arrival order instead padded every piece to its longest pair.
+    Ray's batcher fails an item larger than its budget, so a big request is queued as its chunks, which batch
+    like any other request. The chunks are length-sorted, so each holds sequences of similar length: cutting
+    the request in arrival order instead padded every chunk to its longest pair.
     """
     return [(index, batch.select(index)) for index in chunks]
 
@@ -136,13 +138,12 @@ class ModelReplica:
         # Held from arrival to answer: waiting in the batch queue counts as much as being scored.
         with self.work.track(tokens=batch.num_tokens, pairs=len(batch)):
             if batch.num_tokens <= self.token_budget:
-                raw = await self._score_piece(batch, arrived)
+                raw = await self._score_queued(batch, arrived)
             else:
-                pieces = split_by_chunks(batch, self.scorer.chunks(batch.lengths))
-                parts = await asyncio.gather(*(self._score_piece(p, arrived) for _, p in pieces))
-                raw = np.empty(len(batch), dtype=np.float32)
-                for (index, _), part in zip(pieces, parts):
-                    raw[index] = part
+                chunks = self.scorer.chunks(batch.lengths)
+                parts = await asyncio.gather(*(self._score_queued(sub, arrived)
+                                               for _, sub in split_by_chunks(batch, chunks)))
+                raw = scatter(chunks, parts, len(batch))
         self.metrics.latency.observe(time.monotonic() - arrived)
         return raw
 
@@ -152,18 +153,18 @@ class ModelReplica:
         replica disables it). The mean work held since the last call, and this replica's token budget."""
         return self.work.autoscaling_stats()
 
-    async def _score_piece(self, piece: EncodedBatch, arrived: float) -> np.ndarray:
-        if piece.num_tokens > self.token_budget:
+    async def _score_queued(self, batch: EncodedBatch, arrived: float) -> np.ndarray:
+        if batch.num_tokens > self.token_budget:
             # A single sequence longer than the whole budget: its own forward pass, outside the batcher.
-            return await self._forward(piece)
-        result = await self._score_batched(Work(piece, arrived))
+            return await self._forward(batch)
+        result = await self._score_batched(Work(batch, arrived))
         if isinstance(result, BaseException):
             raise result
         return result
 
     @serve.batch(max_batch_size=_INITIAL_TOKEN_BUDGET, batch_wait_timeout_s=0.005, batch_size_fn=batch_tokens)
     async def _score_batched(self, works: list[Work]) -> list[np.ndarray | BaseException]:
-        """Pieces of several requests in one forward pass; each gets its own slice of the scores back."""
+        """Work of several requests in one forward pass; each gets its own slice of the scores back."""
         now = time.monotonic()
         for w in works:
             self.metrics.queue_wait.observe(now - w.arrived)

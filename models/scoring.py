@@ -1,7 +1,7 @@
 """The Scorer interface and the two executions behind it.
 
-score(): sort by length, cut into chunks that fit the token budget, run each chunk, scatter the raw scores back
-to input order. A chunk runs one of two ways (`Scorer.execution`):
+score(): sort by length, cut into chunks that fit the token budget (models/cutting.py), run each chunk, scatter
+the raw scores back to input order. A chunk runs one of two ways (`Scorer.execution`):
 - "padded": right-padded [N, S] tensors with a padding mask, attention "sdpa"; the budget counts N × S.
   A family implements `_forward_padded`.
 - "packed": one row of real tokens with per-pair boundaries (models/packing.py), attention "packed"
@@ -16,6 +16,7 @@ import logging
 import numpy as np
 import torch
 
+from .cutting import plan_chunks, scatter
 from .encoded import EncodedBatch
 from .errors import ModelLoadError
 
@@ -29,33 +30,6 @@ EXECUTIONS = ("auto", "packed", "padded")
 def resolve_token_budget(token_budget: int | None, device: str) -> int:
     """The configured budget, else the device's default (the ingress cuts requests by the same figure)."""
     return int(token_budget or DEFAULT_TOKEN_BUDGET["cuda" if device.startswith("cuda") else "cpu"])
-
-
-def chunk_by_budget(sorted_lengths: np.ndarray, token_budget: int) -> list[slice]:
-    """Slices of an ascending length array whose padded size (count × longest) stays within the budget.
-    A sequence longer than the budget gets a chunk of its own."""
-    chunks, start = [], 0
-    for i, length in enumerate(sorted_lengths):
-        if i > start and (i - start + 1) * int(length) > token_budget:
-            chunks.append(slice(start, i))
-            start = i
-    if len(sorted_lengths):
-        chunks.append(slice(start, len(sorted_lengths)))
-    return chunks
-
-
-def chunk_by_tokens(lengths: np.ndarray, token_budget: int) -> list[slice]:
-    """Slices whose REAL token count (sum of lengths: packed chunks carry no padding) stays within the budget.
-    A sequence longer than the budget gets a chunk of its own."""
-    chunks, start, total = [], 0, 0
-    for i, length in enumerate(lengths):
-        if i > start and total + int(length) > token_budget:
-            chunks.append(slice(start, i))
-            start, total = i, 0
-        total += int(length)
-    if len(lengths):
-        chunks.append(slice(start, len(lengths)))
-    return chunks
 
 
 def check_execution(requested: str, model_id: str) -> None:
@@ -197,9 +171,8 @@ class Scorer:
 
     def score(self, batch: EncodedBatch) -> np.ndarray:
         n = len(batch)
-        out = np.empty(n, dtype=np.float32)
         if n == 0:
-            return out
+            return np.empty(0, dtype=np.float32)
         lengths = batch.lengths
         if lengths.min() < 1:
             raise ValueError("cannot score an empty sequence (no tokens)")
@@ -208,12 +181,11 @@ class Scorer:
         with torch.inference_mode():
             chunks = self.chunks(lengths)
             if transfer is not None:
-                out[np.concatenate(chunks)] = self._score_pipelined(batch, chunks, transfer)
-                return out
+                return scatter([np.concatenate(chunks)], [self._score_pipelined(batch, chunks, transfer)], n)
             # CPU: nothing to overlap (no copy); each chunk's scores are already host memory.
-            for index in chunks:
-                out[index] = self._score_packed(batch, index) if packed else self._score_chunk(batch, index)
-        return out
+            parts = [self._score_packed(batch, index) if packed else self._score_chunk(batch, index)
+                     for index in chunks]
+        return scatter(chunks, parts, n)
 
     def _transfer(self) -> "CudaTransfer | None":
         """The host-to-device pipeline of a CUDA scorer (made once), None on CPU. Tests set `transfer`."""
@@ -255,14 +227,9 @@ class Scorer:
         return self._forward_padded(*inputs)
 
     def chunks(self, lengths: np.ndarray) -> list[np.ndarray]:
-        """Index arrays of the forward chunks `score` runs for sequences of these lengths.
-
-        Sorted by length in both modes: padded chunks waste no padding, packed chunks get even max lengths.
-        The budget counts padded tokens in padded mode, real tokens in packed mode.
-        """
-        order = np.argsort(lengths, kind="stable")
-        chunker = chunk_by_tokens if self.execution == "packed" else chunk_by_budget
-        return [order[part] for part in chunker(lengths[order], self.token_budget)]
+        """Index arrays of the forward chunks `score` runs for sequences of these lengths (models/cutting.py):
+        the budget counts padded tokens in padded mode, real tokens in packed mode."""
+        return plan_chunks(lengths, self.token_budget, packed=self.execution == "packed")
 
     def _score_packed(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
         from .packing import pack

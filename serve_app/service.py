@@ -14,10 +14,10 @@ from typing import Any, Awaitable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from models.cutting import plan_pieces, scatter
 from models.encoded import EncodedBatch
 from models.errors import InputError
 from models.windows import encode_windows
-from serve_app.fanout import plan_pieces, scatter
 from serve_app.schemas import (ApiError, CohereRerankRequest, PredictRequest, RerankRequest, TokenizeRequest,
                                predict_items)
 from serve_app.settings import AppSettings, ModelSettings
@@ -164,7 +164,7 @@ class RerankService:
 
     async def score(self, model: ModelSettings, batch: EncodedBatch) -> np.ndarray:
         """Raw scores of `batch` from the model's deployment: one call, or for a request of several token
-        budgets, up to `max_fanout` concurrent calls on length-sorted pieces (serve_app/fanout.py)."""
+        budgets, up to `max_fanout` concurrent calls on length-sorted pieces (models/cutting.py)."""
         start = time.perf_counter()
         backend = self.backends[model.name]
         # No more pieces than one replica takes at once: a lone request never queues (nor gets a 429)

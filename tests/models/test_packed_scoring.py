@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from models import attention, load_scorer
+from models.cutting import chunk_by_tokens
 from models.errors import ModelLoadError
-from models.scoring import DEFAULT_TOKEN_BUDGET, chunk_by_tokens, resolve_execution
+from models.scoring import DEFAULT_TOKEN_BUDGET, resolve_execution
 from tests.models.test_parity import PAIRS, cross_encoder_reference, qwen3_recipe
 from tests.tiny_models import BUILDERS, build_modular
 

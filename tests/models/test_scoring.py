@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from models import EncodedBatch, load_scorer
-from models.scoring import chunk_by_budget
+from models.cutting import chunk_by_budget
 from tests.tiny_models import DOCS, QUERIES
 
 PAIRS = [(q, d) for q in QUERIES for d in DOCS]

@@ -1,4 +1,4 @@
-"""A big request goes to its model as concurrent length-sorted pieces (serve_app/fanout.py) and comes back whole."""
+"""A big request goes to its model as concurrent length-sorted pieces (models/cutting.py) and comes back whole."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serve_app.fanout import plan_pieces, scatter
+from models.cutting import plan_pieces, scatter
 from serve_app.routes import create_http_app
 from serve_app.service import RerankService
 from serve_app.settings import AppSettings

@@ -1,0 +1,83 @@
+"""How a batch is cut and put back together: one module for every layer that cuts.
+
+Two cuts, both over length-sorted sequences (similar lengths side by side: little padding, even cuts):
+- fan-out pieces (`plan_pieces`): the ingress cuts a big request into about equal token counts, one handle
+  call each, so several replicas score it concurrently (serve_app/service.py).
+- forward chunks (`plan_chunks`): at most a token budget each. A model replica queues a request larger than
+  its budget as these chunks (Ray's batcher refuses an item over the budget), and `Scorer.score` runs one
+  forward per chunk. Padded chunks count count × longest, packed chunks real tokens.
+Every cut is put back in input order by the one `scatter`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def by_length(lengths: np.ndarray) -> np.ndarray:
+    """Indices of `lengths` shortest first (stable: equal lengths keep their order)."""
+    return np.argsort(lengths, kind="stable")
+
+
+def chunk_by_budget(sorted_lengths: np.ndarray, token_budget: int) -> list[slice]:
+    """Slices of an ascending length array whose padded size (count × longest) stays within the budget.
+    A sequence longer than the budget gets a chunk of its own."""
+    chunks, start = [], 0
+    for i, length in enumerate(sorted_lengths):
+        if i > start and (i - start + 1) * int(length) > token_budget:
+            chunks.append(slice(start, i))
+            start = i
+    if len(sorted_lengths):
+        chunks.append(slice(start, len(sorted_lengths)))
+    return chunks
+
+
+def chunk_by_tokens(lengths: np.ndarray, token_budget: int) -> list[slice]:
+    """Slices whose REAL token count (sum of lengths: packed chunks carry no padding) stays within the budget.
+    A sequence longer than the budget gets a chunk of its own."""
+    chunks, start, total = [], 0, 0
+    for i, length in enumerate(lengths):
+        if i > start and total + int(length) > token_budget:
+            chunks.append(slice(start, i))
+            start, total = i, 0
+        total += int(length)
+    if len(lengths):
+        chunks.append(slice(start, len(lengths)))
+    return chunks
+
+
+def plan_chunks(lengths: np.ndarray, token_budget: int, *, packed: bool) -> list[np.ndarray]:
+    """Index arrays of the forward chunks of sequences of these lengths (see the module docstring)."""
+    order = by_length(lengths)
+    chunker = chunk_by_tokens if packed else chunk_by_budget
+    return [order[part] for part in chunker(lengths[order], token_budget)]
+
+
+def plan_pieces(lengths: np.ndarray, *, piece_tokens: int, max_pieces: int) -> list[np.ndarray]:
+    """Index arrays of the fan-out pieces of one request, covering every sequence exactly once.
+
+    Runs of about equal token counts, so the pieces take about equally long. There are
+    `tokens // piece_tokens` pieces (at least 1, at most `max_pieces` and the number of sequences): a request
+    under two budgets goes whole, since a replica runs a budget at a time anyway.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    total = int(lengths.sum())
+    count = min(max_pieces, n, total // max(1, piece_tokens))
+    if count <= 1:
+        return [np.arange(n)]
+    order = by_length(lengths)
+    # A piece starts at the first sequence whose middle lies past its share of the tokens.
+    middles = np.cumsum(lengths[order]) - lengths[order] / 2
+    cuts = np.searchsorted(middles, total * np.arange(1, count) / count, side="left")
+    return [piece for piece in np.split(order, cuts) if len(piece)]
+
+
+def scatter(indices: list[np.ndarray], parts: list, n: int) -> np.ndarray:
+    """The parts' float32 scores put back in input order: part k holds the scores of `indices[k]`."""
+    out = np.empty(n, dtype=np.float32)
+    for index, part in zip(indices, parts):
+        part = np.asarray(part, dtype=np.float32)
+        if part.shape != (len(index),):
+            raise RuntimeError(f"a part of {len(index)} inputs came back with {part.shape} scores")
+        out[index] = part
+    return out
