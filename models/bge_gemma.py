@@ -19,8 +19,8 @@ from pathlib import Path
 from .causal import CausalLMScorer, cut_texts, pad_token_id
 from .common import load_config, position_limit, resolve_max_length
 from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, parse_direction
-from .errors import InputTooLongError, ModelLoadError, PairRequiredError
+from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from .errors import InputTooLongError, ModelLoadError
 from .families import Family
 from .scoring import Scorer
 from .tokenization import load_tokenizer
@@ -88,16 +88,10 @@ class BgeGemmaEncoder(Encoder):
     def _encode(self, items, truncate, direction, instruction, max_tokens_per_doc):
         direction = parse_direction(direction)
         check_max_tokens_per_doc(max_tokens_per_doc)
-        if instruction is not None:
-            check_text(instruction, 0, "the instruction")
+        check_items(self, items, instruction)
         prompt_ids = self._prompt_ids(instruction)
         queries, docs = [], []
-        for i, (query, doc) in enumerate(items):
-            check_text(query, i, "the query")
-            if doc is None:
-                raise PairRequiredError(f"item {i}: model {self.model_id!r} scores (query, document) pairs only; "
-                                        "a single text cannot be scored", index=i)
-            check_text(doc, i, "the document")
+        for query, doc in items:
             queries.append(QUERY_FORMAT.format(query))
             docs.append(doc)
         if max_tokens_per_doc is not None:
@@ -134,8 +128,7 @@ class BgeGemmaEncoder(Encoder):
         "\\n" + prompt: FlagEmbedding's separately tokenized pieces (API.md 1.6)."""
         from .windows import DocumentSlot
 
-        if instruction is not None:
-            check_text(instruction, 0, "the instruction")
+        check_items(self, (), instruction)
         q_ids = self._piece(QUERY_FORMAT.format(self.kept_query(query, query_tokens)))
         return DocumentSlot(self.bos + q_ids + self.sep_ids + self._piece(PASSAGE_FORMAT.format("")),
                             self.sep_ids + self._prompt_ids(instruction))

@@ -10,7 +10,7 @@ from typing import Sequence
 from tokenizers import Encoding, Tokenizer
 
 from .encoded import EncodedBatch
-from .errors import InputError, InputTooLongError, InstructionNotSupportedError
+from .errors import InputError, InputTooLongError, InstructionNotSupportedError, PairRequiredError
 
 Item = tuple[str, "str | None"]
 
@@ -54,6 +54,35 @@ def check_max_tokens_per_doc(value: int | None) -> None:
 def check_text(value, index: int, what: str) -> None:
     if not isinstance(value, str):
         raise InputError(f"item {index}: {what} must be a string, got {type(value).__name__}", index=index)
+
+
+# The families whose encoders take an `instruction` (`accepts_instruction`), as users know them, for the message
+# that refuses one (tests/models/test_encoding.py keeps this in step with the families' flags).
+INSTRUCTION_FAMILIES = {
+    "st_causal": "Sentence Transformers causal CrossEncoders",
+    "qwen3": "Qwen3-Reranker",
+    "mxbai": "mxbai-rerank-v2",
+    "bge_gemma": "bge-reranker-v2-gemma",
+}
+
+
+def check_items(encoder, items: Sequence[Item], instruction: str | None) -> None:
+    """The one check of a request against an encoder's rules, with one message per refusal: an `instruction`
+    only where `encoder.accepts_instruction`, a single text (no document) only where `encoder.accepts_single`,
+    and strings throughout. Every encoder runs it; the serving layer does not check these again."""
+    if instruction is not None:
+        if not encoder.accepts_instruction:
+            raise InstructionNotSupportedError(
+                f"model {encoder.model_id!r} takes no `instruction`; remove it (only instruction-aware models "
+                f"take one: {', '.join(INSTRUCTION_FAMILIES.values())})")
+        check_text(instruction, 0, "the instruction")
+    for i, (query, doc) in enumerate(items):
+        check_text(query, i, "the query")
+        if doc is not None:
+            check_text(doc, i, "the document")
+        elif not encoder.accepts_single:
+            raise PairRequiredError(f"model {encoder.model_id!r} scores (query, document) pairs only: send two "
+                                    "texts, not a single one", index=i)
 
 
 class Encoder:
@@ -160,15 +189,8 @@ class PairEncoder(Encoder):
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
         direction = parse_direction(direction)
         check_max_tokens_per_doc(max_tokens_per_doc)
-        if instruction is not None:
-            raise InstructionNotSupportedError(
-                f"model {self.model_id!r} takes no instruction; only instruction-aware models (Qwen3-Reranker) do")
-        inputs = []
-        for i, (query, doc) in enumerate(items):
-            check_text(query, i, "the query")
-            if doc is not None:
-                check_text(doc, i, "the document")
-            inputs.append(query if doc is None else (query, doc))
+        check_items(self, items, instruction)
+        inputs = [query if doc is None else (query, doc) for query, doc in items]
         tok = self._cut[direction] if truncate else self._full
         try:
             if max_tokens_per_doc is not None:
@@ -225,8 +247,7 @@ class PairEncoder(Encoder):
         output around any document."""
         from .windows import DocumentSlot
 
-        if instruction is not None:
-            raise InstructionNotSupportedError(f"model {self.model_id!r} takes no instruction")
+        check_items(self, (), instruction)
         tok = self.plain_tokenizer()
         q = tok.encode(query, add_special_tokens=False)
         q.truncate(query_tokens, stride=0, direction="right")

@@ -18,8 +18,8 @@ from pathlib import Path
 from .causal import CausalLMScorer, cut_texts, pad_token_id
 from .common import load_config, position_limit, resolve_max_length
 from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, parse_direction
-from .errors import InputTooLongError, ModelLoadError, PairRequiredError
+from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from .errors import InputTooLongError, ModelLoadError
 from .families import Family
 from .scoring import Scorer
 from .tokenization import load_tokenizer
@@ -81,15 +81,9 @@ class MxbaiEncoder(Encoder):
     def _encode(self, items, truncate, direction, instruction, max_tokens_per_doc):
         direction = parse_direction(direction)
         check_max_tokens_per_doc(max_tokens_per_doc)
-        if instruction is not None:
-            check_text(instruction, 0, "the instruction")
+        check_items(self, items, instruction)
         queries, docs = [], []
-        for i, (query, doc) in enumerate(items):
-            check_text(query, i, "the query")
-            if doc is None:
-                raise PairRequiredError(f"item {i}: model {self.model_id!r} scores (query, document) pairs only; "
-                                        "a single text cannot be scored", index=i)
-            check_text(doc, i, "the document")
+        for query, doc in items:
             queries.append(query_text(query, instruction))
             docs.append(doc)
         if max_tokens_per_doc is not None:
@@ -119,8 +113,7 @@ class MxbaiEncoder(Encoder):
         | window | "\\n" + task prompt + suffix: the package's separately tokenized pieces (API.md 1.6)."""
         from .windows import DocumentSlot
 
-        if instruction is not None:
-            check_text(instruction, 0, "the instruction")
+        check_items(self, (), instruction)
         piece = lambda text: self._full.encode(text, add_special_tokens=False).ids  # noqa: E731
         q_ids = piece(query_text(self.kept_query(query, query_tokens), instruction))
         return DocumentSlot(self.prefix_ids + q_ids + self.sep_ids + piece(DOC_FORMAT.format("")), list(self.tail_ids))

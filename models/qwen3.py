@@ -11,8 +11,8 @@ import torch
 from .causal import read_weight_rows
 from .common import from_pretrained, load_config, position_limit, resolve_max_length, torch_dtype
 from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, parse_direction
-from .errors import InputTooLongError, ModelLoadError, PairRequiredError
+from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from .errors import InputTooLongError, ModelLoadError
 from .families import Family
 from .scoring import Scorer
 from .tokenization import load_tokenizer
@@ -55,16 +55,10 @@ class Qwen3Encoder(Encoder):
             raise InputTooLongError(
                 f"the prompt prefix and suffix alone take {len(self.prefix_ids) + len(self.suffix_ids)} tokens, "
                 f"not fewer than the max input length {self.max_length}; raise max_length")
-        if instruction is not None:
-            check_text(instruction, 0, "the instruction")
+        check_items(self, items, instruction)
         instruction = self.default_instruction if instruction is None else instruction
         queries, docs = [], []
-        for i, (query, doc) in enumerate(items):
-            check_text(query, i, "the query")
-            if doc is None:
-                raise PairRequiredError(f"item {i}: model {self.model_id!r} scores (query, document) pairs only; "
-                                        "a single text cannot be scored", index=i)
-            check_text(doc, i, "the document")
+        for query, doc in items:
             queries.append(query)
             docs.append(doc)
         if max_tokens_per_doc is not None:

@@ -18,8 +18,8 @@ from pathlib import Path
 from .causal import CausalLMScorer, cut_texts, pad_token_id
 from .common import load_config, position_limit, read_json, resolve_max_length
 from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_max_tokens_per_doc, check_text, parse_direction
-from .errors import InputError, InputTooLongError, ModelLoadError, PairRequiredError
+from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from .errors import InputError, InputTooLongError, ModelLoadError
 from .families import Family
 from .scoring import Scorer
 from .tokenization import load_tokenizer
@@ -160,16 +160,10 @@ class StCausalEncoder(Encoder):
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
         direction = parse_direction(direction)
         check_max_tokens_per_doc(max_tokens_per_doc)
-        if instruction is not None:
-            check_text(instruction, 0, "the instruction")
+        check_items(self, items, instruction)
         prompt = self.default_instruction if instruction is None else instruction
         queries, docs = [], []
-        for i, (query, doc) in enumerate(items):
-            check_text(query, i, "the query")
-            if doc is None:
-                raise PairRequiredError(f"item {i}: model {self.model_id!r} scores (query, document) pairs only; "
-                                        "a single text cannot be scored", index=i)
-            check_text(doc, i, "the document")
+        for query, doc in items:
             queries.append(query)
             docs.append(doc)
         if max_tokens_per_doc is not None:
@@ -202,8 +196,7 @@ class StCausalEncoder(Encoder):
         may merge the document's first or last characters with the template's)."""
         from .windows import DocumentSlot
 
-        if instruction is not None:
-            check_text(instruction, 0, "the instruction")
+        check_items(self, (), instruction)
         prompt = self.default_instruction if instruction is None else instruction
         query = self.kept_query(query, query_tokens)
         try:

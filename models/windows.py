@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from .encoded import EncodedBatch
-from .encoding import check_max_tokens_per_doc, check_text
-from .errors import InputError, InputTooLongError, InstructionNotSupportedError
+from .encoding import check_items, check_max_tokens_per_doc
+from .errors import InputError, InputTooLongError
 
 # Fewer document tokens than this per window: the pair is scored as with "truncate" (API.md 1.6).
 MIN_WINDOW = 32
@@ -78,18 +78,6 @@ class WindowedBatch:
         return np.maximum.reduceat(raw, starts) if len(raw) else raw
 
 
-def _check_items(encoder, items, instruction, max_tokens_per_doc) -> None:
-    check_max_tokens_per_doc(max_tokens_per_doc)
-    if instruction is not None:
-        if not encoder.accepts_instruction:
-            raise InstructionNotSupportedError(f"model {encoder.model_id!r} takes no instruction")
-        check_text(instruction, 0, "the instruction")
-    for i, (query, doc) in enumerate(items):
-        check_text(query, i, "the query")
-        if doc is not None:
-            check_text(doc, i, "the document")
-
-
 def _doc_tokens(encoder, docs: list[str], max_tokens_per_doc: int | None) -> list[list[int]]:
     """The documents' own tokens (no special tokens), cut to max_tokens_per_doc."""
     out = encoder.plain_tokens(docs) if docs else []
@@ -120,7 +108,8 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
     if chunk_overlap < 0 or max_chunks < 1:
         raise InputError(f"chunk_overlap must be >= 0 and max_chunks >= 1, got {chunk_overlap}, {max_chunks}")
     items = list(items)
-    _check_items(encoder, items, instruction, max_tokens_per_doc)
+    check_max_tokens_per_doc(max_tokens_per_doc)
+    check_items(encoder, items, instruction)
     # The truncating encoding: the answer for every item that fits, and the check that the batch encodes at all;
     # with the items it cut, where the family knows them.
     if hasattr(encoder, "encode_with_cuts"):

@@ -123,11 +123,6 @@ class RerankService:
                                                 f"{', '.join(self.model_names)}")
         return self.settings.model(name)
 
-    def _check_instruction(self, model: ModelSettings, instruction: str | None) -> None:
-        if instruction is not None and not self.encoders[model.name].accepts_instruction:
-            raise ApiError(422, "Validation", f"model {model.name!r} takes no `instruction`; remove it "
-                                              "(only instruction-aware models such as Qwen3-Reranker take one)")
-
     def _check_count(self, field: str, n: int) -> None:
         if n == 0:
             raise ApiError(400, "Empty", f"`{field}` is empty: send at least one")
@@ -194,7 +189,6 @@ class RerankService:
                     truncate: bool | None = None, direction: str = "right", instruction: str | None = None,
                     max_tokens_per_doc: int | None = None, long_documents: str | None = None
                     ) -> tuple[np.ndarray, int]:
-        self._check_instruction(model, instruction)
         return await self.encode_and_score(model, [(query, t) for t in texts], field, long_documents=long_documents,
                                            truncate=truncate is not False, direction=direction,
                                            instruction=instruction, max_tokens_per_doc=max_tokens_per_doc)
@@ -244,14 +238,7 @@ class RerankService:
         items, is_batch = predict_items(req.inputs)
         self._check_count("inputs", len(items))
         model = self.resolve(req.model)
-        self._check_instruction(model, req.instruction)
         encoder = self.encoders[model.name]
-        if not encoder.accepts_single:
-            for i, (_, second) in enumerate(items):
-                if second is None:
-                    where = f"`inputs[{i}]`" if is_batch else "`inputs`"
-                    raise ApiError(422, "Validation", f"{where} is a single text, but model {model.name!r} "
-                                                      "scores (query, document) pairs only: send two texts")
         raw, _ = await self.encode_and_score(model, items, "inputs", long_documents=req.long_documents,
                                              truncate=req.truncate is not False,
                                              direction=req.truncation_direction, instruction=req.instruction)
@@ -265,7 +252,6 @@ class RerankService:
         items, _ = predict_items(req.inputs)
         self._check_count("inputs", len(items))
         model = self.resolve(req.model)
-        self._check_instruction(model, req.instruction)
         batch = await self.encode(model, items, "inputs", truncate=req.truncate is not False,
                                   direction=req.truncation_direction, instruction=req.instruction)
         encoder = self.encoders[model.name]

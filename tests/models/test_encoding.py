@@ -114,6 +114,26 @@ def test_instruction_on_a_model_without_one_is_rejected(encoders, variant):
         encoders[variant].encode([("q", "d")], instruction="rank well")
 
 
+def test_the_instruction_message_names_exactly_the_families_that_take_one(encoders):
+    """INSTRUCTION_FAMILIES (the 422's list) against every family's own encoder flags."""
+    import importlib
+
+    from models.encoding import INSTRUCTION_FAMILIES, Encoder, PairEncoder
+    from models.families import FAMILIES
+
+    takes = set()
+    for name in FAMILIES:
+        module = importlib.import_module(f"models.{name}")
+        own = [c for c in vars(module).values()
+               if isinstance(c, type) and issubclass(c, Encoder) and c.__module__ == module.__name__] or [PairEncoder]
+        if any(c.accepts_instruction for c in own):
+            takes.add(name)
+    assert takes == set(INSTRUCTION_FAMILIES)
+    with pytest.raises(InstructionNotSupportedError) as err:
+        encoders["bert"].encode([("q", "d")], instruction="rank well")
+    assert all(label in str(err.value) for label in INSTRUCTION_FAMILIES.values())
+
+
 def test_qwen3_prefix_and_suffix_that_do_not_fit_are_rejected(tiny, encoders):
     full = encoders["qwen3_tied"]
     fixed = len(full.prefix_ids) + len(full.suffix_ids)

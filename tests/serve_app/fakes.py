@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from models.encoded import EncodedBatch
-from models.errors import InputError, InputTooLongError, InstructionNotSupportedError, PairRequiredError
+from models.encoding import check_items
+from models.errors import InputError, InputTooLongError
 
 CLS, SEP = 1, 2
 _WORDS: list[str] = ["<pad>", "[CLS]", "[SEP]"]
@@ -31,14 +32,11 @@ class FakeEncoder:
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
         self.calls.append(dict(items=list(items), truncate=truncate, direction=direction,
                                instruction=instruction, max_tokens_per_doc=max_tokens_per_doc))
-        if instruction is not None and not self.accepts_instruction:
-            raise InstructionNotSupportedError("no instruction")
+        check_items(self, items, instruction)  # the real rules (accepts_instruction, accepts_single)
         seqs, types = [], []
         for i, (query, doc) in enumerate(items):
             if doc == "BAD INPUT":
                 raise InputError("this item cannot be encoded", index=i)
-            if doc is None and not self.accepts_single:
-                raise PairRequiredError("needs a pair", index=i)
             doc_words = (doc or "").split()
             if max_tokens_per_doc is not None:
                 doc_words = doc_words[:max_tokens_per_doc]

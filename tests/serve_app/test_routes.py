@@ -109,9 +109,19 @@ def test_instruction_goes_to_instruction_aware_models_only():
     client, service = make()
     r = client.post("/rerank", json={"query": "q", "texts": ["paris"], "model": "qwen", "instruction": "do it"})
     assert r.status_code == 200 and service.encoders["qwen"].calls[-1]["instruction"] == "do it"
-    error_of(client.post("/rerank", json={"query": "q", "texts": ["paris"], "instruction": "do it"}),
-             422, "Validation")
+    message = error_of(client.post("/rerank", json={"query": "q", "texts": ["paris"], "instruction": "do it"}),
+                       422, "Validation")
+    assert "takes no `instruction`" in message and "Qwen3-Reranker" in message and "mxbai" in message
     assert service.backends["bert"].calls == []
+
+
+def test_a_single_text_goes_to_models_that_take_one_only():
+    client, service = make()
+    for inputs, where in (("paris", "`inputs[0]`"), ([["q", "paris"], ["rome"]], "`inputs[1]`")):
+        message = error_of(client.post("/predict", json={"inputs": inputs, "model": "qwen"}), 422, "Validation")
+        assert message.startswith(where) and "pairs only" in message, message
+    assert service.backends["qwen"].calls == []
+    assert client.post("/predict", json={"inputs": "paris", "model": "bert"}).status_code == 200
 
 
 # ----------------------------------------------------------------------------------------------- /predict
