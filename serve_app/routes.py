@@ -13,12 +13,13 @@ from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import TypeAdapter
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.schemas import (ApiError, CohereRerankRequest, CohereRerankResponse, ErrorBody, PredictRequest,
-                               PredictScore, RerankRequest, RerankResult, TokenizedInput, TokenizeRequest,
+                               PredictResponse, RerankRequest, RerankResponse, TokenizeRequest, TokenizeResponse,
                                map_exception)
 from serve_app.service import VERSION, RerankService
 
@@ -30,6 +31,12 @@ BODY_ROUTES = frozenset({"/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/to
 PUBLIC_ROUTES = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 429, 503)}
+
+
+def _body(shape: Any) -> tuple[dict, Callable[[Any], bytes]]:
+    """A route's success response from its one description (serve_app/schemas.py): the `responses` entry that
+    /docs shows, and the serialiser of the service's result through the same type."""
+    return {200: {"model": shape}, **_ERRORS}, TypeAdapter(shape).dump_json
 
 
 def error_response(err: ApiError) -> JSONResponse:
@@ -158,9 +165,18 @@ def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _
         logger.exception("unhandled error")
         return error_response(map_error(exc))
 
-    async def respond(work: Awaitable[Any]) -> JSONResponse:
+    rerank_docs, rerank_json = _body(RerankResponse)
+    predict_docs, predict_json = _body(PredictResponse)
+    cohere_docs, cohere_json = _body(CohereRerankResponse)
+    tokenize_docs, tokenize_json = _body(TokenizeResponse)
+
+    async def respond(work: Awaitable[Any], dump_json: Callable[[Any], bytes] | None = None) -> Response:
+        """The work's result as JSON (through `dump_json` where the route has a described body), or its error."""
         try:
-            return JSONResponse(await work)
+            result = await work
+            if dump_json is None:
+                return JSONResponse(result)
+            return Response(dump_json(result), media_type="application/json")
         except Exception as exc:  # every failure becomes the JSON error of API.md section 3
             err = map_error(exc)
             if err.status >= 500:
@@ -170,34 +186,33 @@ def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _
                 logger.info("request rejected: %s", err)
             return error_response(err)
 
-    @app.post("/rerank", dependencies=bearer, responses={200: {"model": list[RerankResult]}, **_ERRORS},
+    @app.post("/rerank", dependencies=bearer, responses=rerank_docs,
               summary="Rerank texts against a query (text-embeddings-inference)")
-    async def rerank(body: RerankRequest) -> JSONResponse:
-        return await respond(service.rerank(body))
+    async def rerank(body: RerankRequest) -> Response:
+        return await respond(service.rerank(body), rerank_json)
 
-    @app.post("/predict", dependencies=bearer,
-              responses={200: {"model": list[PredictScore] | list[list[PredictScore]]}, **_ERRORS},
+    @app.post("/predict", dependencies=bearer, responses=predict_docs,
               summary="Score one text, a pair, or a batch of them (text-embeddings-inference)")
-    async def predict(body: PredictRequest) -> JSONResponse:
-        return await respond(service.predict(body))
+    async def predict(body: PredictRequest) -> Response:
+        return await respond(service.predict(body), predict_json)
 
-    @app.post("/v1/rerank", dependencies=bearer, responses={200: {"model": CohereRerankResponse}, **_ERRORS},
+    @app.post("/v1/rerank", dependencies=bearer, responses=cohere_docs,
               summary="Rerank documents (Cohere v1 / Jina / vLLM compatible)")
-    async def rerank_v1(body: CohereRerankRequest) -> JSONResponse:
-        return await respond(service.cohere_rerank(body, request_id()))
+    async def rerank_v1(body: CohereRerankRequest) -> Response:
+        return await respond(service.cohere_rerank(body, request_id()), cohere_json)
 
-    @app.post("/v2/rerank", dependencies=bearer, responses={200: {"model": CohereRerankResponse}, **_ERRORS},
+    @app.post("/v2/rerank", dependencies=bearer, responses=cohere_docs,
               summary="Rerank documents (Cohere v2 compatible)")
-    async def rerank_v2(body: CohereRerankRequest) -> JSONResponse:
-        return await respond(service.cohere_rerank(body, request_id()))
+    async def rerank_v2(body: CohereRerankRequest) -> Response:
+        return await respond(service.cohere_rerank(body, request_id()), cohere_json)
 
-    @app.post("/tokenize", dependencies=bearer, responses={200: {"model": list[TokenizedInput]}, **_ERRORS},
+    @app.post("/tokenize", dependencies=bearer, responses=tokenize_docs,
               summary="The token ids and tokens a model scores, after templating and truncation")
-    async def tokenize(body: TokenizeRequest) -> JSONResponse:
-        return await respond(service.tokenize(body))
+    async def tokenize(body: TokenizeRequest) -> Response:
+        return await respond(service.tokenize(body), tokenize_json)
 
     @app.get("/info", dependencies=bearer, summary="Version, default model, and every model's settings")
-    async def info() -> JSONResponse:
+    async def info() -> Response:
         return await respond(service.info())
 
     @app.get("/v1/models", dependencies=bearer, summary="Served models (OpenAI list shape)")

@@ -5,9 +5,10 @@ naming the field instead of a silently ignored option.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from typing_extensions import NotRequired, TypedDict  # pydantic needs typing_extensions' TypedDict before 3.12
 
 from models.errors import InputError, ModelLoadError
 
@@ -118,42 +119,69 @@ def predict_items(inputs: PredictInputs) -> tuple[list[tuple[str, str | None]], 
 
 
 # ---------------------------------------------------------------------------------------------- responses
-# Routes build plain dicts (so absent optional keys stay absent); these models document them in /docs.
+# The one description of each response body: the service builds these dicts, the routes serialise them through
+# the same types (`TypeAdapter.dump_json`, in Rust; a key that is not declared here is never written) and /docs
+# shows them. A `NotRequired` key is absent unless the request asks for it (API.md section 1).
 
-class RerankResult(BaseModel):
+Score = Annotated[float | None, Field(description="null when not finite (JSON has no NaN)")]
+
+
+class RerankResult(TypedDict):
     index: int
-    score: float
-    text: str | None = Field(default=None, description="only with return_text")
+    score: Score
+    text: NotRequired[Annotated[str, Field(description="only with return_text")]]
 
 
-class PredictScore(BaseModel):
-    score: float
+class PredictScore(TypedDict):
+    score: Score
     label: str
 
 
-class TokenizedInput(BaseModel):
+class TokenizedInput(TypedDict):
     ids: list[int]
     tokens: list[str]
-    token_type_ids: list[int] | None = Field(default=None, description="only for models that use them")
+    token_type_ids: NotRequired[Annotated[list[int], Field(description="only for models that use them")]]
     num_tokens: int
 
 
-class CohereDocument(BaseModel):
+class CohereDocument(TypedDict):
     text: str
 
 
-class CohereResult(BaseModel):
+class CohereResult(TypedDict):
     index: int
-    relevance_score: float
-    document: CohereDocument | None = Field(default=None, description="only with return_documents")
+    relevance_score: Score
+    document: NotRequired[Annotated[CohereDocument, Field(description="only with return_documents")]]
 
 
-class CohereRerankResponse(BaseModel):
+class CohereBilledUnits(TypedDict):
+    search_units: int
+
+
+class CohereTokens(TypedDict):
+    input_tokens: int
+
+
+class CohereMeta(TypedDict):
+    billed_units: CohereBilledUnits
+    tokens: CohereTokens
+
+
+class CohereUsage(TypedDict):
+    total_tokens: int
+
+
+class CohereRerankResponse(TypedDict):
     id: str
     model: str
     results: list[CohereResult]
-    meta: dict[str, Any]
-    usage: dict[str, int]
+    meta: CohereMeta
+    usage: CohereUsage
+
+
+RerankResponse = list[RerankResult]
+PredictResponse = Union[list[PredictScore], list[list[PredictScore]]]  # one input / a batch of inputs
+TokenizeResponse = list[TokenizedInput]
 
 
 class ErrorBody(BaseModel):

@@ -18,8 +18,9 @@ from models.cutting import plan_pieces, scatter
 from models.encoded import EncodedBatch
 from models.errors import InputError
 from models.windows import encode_windows
-from serve_app.schemas import (ApiError, CohereRerankRequest, PredictRequest, RerankRequest, TokenizeRequest,
-                               predict_items)
+from serve_app.schemas import (ApiError, CohereRerankRequest, CohereRerankResponse, CohereResult, PredictRequest,
+                               PredictResponse, PredictScore, RerankRequest, RerankResponse, RerankResult,
+                               TokenizedInput, TokenizeRequest, TokenizeResponse, predict_items)
 from serve_app.settings import AppSettings, ModelSettings
 
 logger = logging.getLogger("ray.serve")
@@ -194,7 +195,7 @@ class RerankService:
                                            instruction=instruction, max_tokens_per_doc=max_tokens_per_doc)
 
     # ----------------------------------------------------------------------------------------- routes
-    async def rerank(self, req: RerankRequest) -> list[dict[str, Any]]:
+    async def rerank(self, req: RerankRequest) -> RerankResponse:
         """POST /rerank (TEI)."""
         if not req.query:
             raise ApiError(400, "Empty", "`query` is empty")
@@ -204,15 +205,15 @@ class RerankService:
                                   direction=req.truncation_direction, instruction=req.instruction,
                                   long_documents=req.long_documents)
         scores = raw.astype(np.float64) if req.raw_scores else sigmoid(raw)
-        out = []
+        out: RerankResponse = []
         for i in rank_order(scores, req.top_n):
-            item: dict[str, Any] = {"index": int(i), "score": _json_float(scores[i])}
+            item: RerankResult = {"index": int(i), "score": _json_float(scores[i])}
             if req.return_text:
                 item["text"] = req.texts[i]
             out.append(item)
         return out
 
-    async def cohere_rerank(self, req: CohereRerankRequest, request_id: str) -> dict[str, Any]:
+    async def cohere_rerank(self, req: CohereRerankRequest, request_id: str) -> CohereRerankResponse:
         """POST /v1/rerank and /v2/rerank (Cohere)."""
         if not req.query:
             raise ApiError(400, "Empty", "`query` is empty")
@@ -223,9 +224,9 @@ class RerankService:
                                            max_tokens_per_doc=req.max_tokens_per_doc,
                                            long_documents=req.long_documents)
         scores = sigmoid(raw)
-        results = []
+        results: list[CohereResult] = []
         for i in rank_order(scores, req.top_n):
-            item: dict[str, Any] = {"index": int(i), "relevance_score": _json_float(scores[i])}
+            item: CohereResult = {"index": int(i), "relevance_score": _json_float(scores[i])}
             if req.return_documents:
                 item["document"] = {"text": texts[i]}
             results.append(item)
@@ -233,7 +234,7 @@ class RerankService:
                 "meta": {"billed_units": {"search_units": 1}, "tokens": {"input_tokens": num_tokens}},
                 "usage": {"total_tokens": num_tokens}}
 
-    async def predict(self, req: PredictRequest) -> list[Any]:
+    async def predict(self, req: PredictRequest) -> PredictResponse:
         """POST /predict (TEI): a single input gives [{score, label}], a batch [[{score, label}], ...]."""
         items, is_batch = predict_items(req.inputs)
         self._check_count("inputs", len(items))
@@ -244,10 +245,10 @@ class RerankService:
                                              direction=req.truncation_direction, instruction=req.instruction)
         scores = raw.astype(np.float64) if req.raw_scores else sigmoid(raw)
         label = (encoder.id2label or {}).get(0, "LABEL_0")
-        per_input = [[{"score": _json_float(s), "label": label}] for s in scores]
+        per_input: list[list[PredictScore]] = [[{"score": _json_float(s), "label": label}] for s in scores]
         return per_input if is_batch else per_input[0]
 
-    async def tokenize(self, req: TokenizeRequest) -> list[dict[str, Any]]:
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         """POST /tokenize: per input, the ids and tokens the model scores (after templating, truncation)."""
         items, _ = predict_items(req.inputs)
         self._check_count("inputs", len(items))
@@ -255,10 +256,10 @@ class RerankService:
         batch = await self.encode(model, items, "inputs", truncate=req.truncate is not False,
                                   direction=req.truncation_direction, instruction=req.instruction)
         encoder = self.encoders[model.name]
-        out = []
+        out: TokenizeResponse = []
         for i in range(len(batch)):
             ids = [int(t) for t in batch.sequence(i)]
-            entry: dict[str, Any] = {"ids": ids, "tokens": list(encoder.convert_ids_to_tokens(ids)),
+            entry: TokenizedInput = {"ids": ids, "tokens": list(encoder.convert_ids_to_tokens(ids)),
                                      "num_tokens": len(ids)}
             types = batch.token_types(i)
             if types is not None:

@@ -267,6 +267,32 @@ def test_docs_and_openapi(client):
     spec = client.get("/openapi.json").json()
     assert {"/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/tokenize", "/info", "/health",
             "/v1/models"} <= set(spec["paths"])
+    # /docs describes the bodies the routes send: optional keys are not required (they are absent, never null).
+    schemas = spec["components"]["schemas"]
+    assert sorted(schemas["RerankResult"]["required"]) == ["index", "score"] and "text" in schemas["RerankResult"][
+        "properties"]
+    assert sorted(schemas["CohereResult"]["required"]) == ["index", "relevance_score"]
+    assert "token_type_ids" not in schemas["TokenizedInput"]["required"]
+    ok = spec["paths"]["/rerank"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["items"] == {"$ref": "#/components/schemas/RerankResult"}
+
+
+@pytest.mark.parametrize("path, body, shape", [
+    ("/rerank", {"query": "q", "texts": ["paris", "berlin"], "return_text": True}, "RerankResponse"),
+    ("/predict", {"inputs": [["q", "paris"], ["q", "rome"]]}, "PredictResponse"),
+    ("/predict", {"inputs": ["q", "paris"]}, "PredictResponse"),
+    ("/v2/rerank", {"query": "q", "documents": ["paris"], "return_documents": True}, "CohereRerankResponse"),
+    ("/tokenize", {"inputs": ["q", "paris"]}, "TokenizeResponse"),
+])
+def test_every_body_is_its_described_shape(client, path, body, shape):
+    """The description in schemas.py is the body: validating the response against it keeps every key."""
+    from pydantic import TypeAdapter
+
+    from serve_app import schemas
+
+    r = client.post(path, json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert TypeAdapter(getattr(schemas, shape)).validate_json(r.content) == r.json()
 
 
 # ---------------------------------------------------------------------------------------- the error table
