@@ -183,7 +183,7 @@ class Scorer:
             if transfer is not None:
                 return scatter([np.concatenate(chunks)], [self._score_pipelined(batch, chunks, transfer)], n)
             # CPU: nothing to overlap (no copy); each chunk's scores are already host memory.
-            parts = [self._score_packed(batch, index) if packed else self._score_chunk(batch, index)
+            parts = [self._score_packed(batch, index) if packed else self._score_padded(batch, index)
                      for index in chunks]
         return scatter(chunks, parts, n)
 
@@ -231,6 +231,8 @@ class Scorer:
         the budget counts padded tokens in padded mode, real tokens in packed mode."""
         return plan_chunks(lengths, self.token_budget, packed=self.execution == "packed")
 
+    # One chunk's host scores, without the CUDA pipeline: `_score_padded` / `_score_packed` build the chunk's
+    # inputs for `_forward_padded` / `_forward_packed` and run it.
     def _score_packed(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
         from .packing import pack
 
@@ -240,7 +242,7 @@ class Scorer:
         scores = self._forward_packed(inputs.to(self.device, non_blocking=True))
         return scores.float().cpu().numpy()
 
-    def _score_chunk(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
+    def _score_padded(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
         ids, mask, types = pad_right(batch, index, self.pad_id, self.uses_token_types)
         to = lambda a: None if a is None else torch.from_numpy(a).to(self.device)  # noqa: E731
         scores = self._forward_padded(to(ids), to(mask), to(types))
