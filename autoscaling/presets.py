@@ -83,6 +83,34 @@ def ray_autoscaling_fields() -> frozenset[str]:
     return frozenset(AutoscalingConfig.model_fields)
 
 
+def check_ray_keys(given: set[str], also: frozenset[str] = frozenset()) -> None:
+    """Reject keys that are neither Ray's ``AutoscalingConfig`` fields nor in ``also`` (Ray would drop them
+    silently, so a typo would go unnoticed)."""
+    allowed = ray_autoscaling_fields() | also
+    unknown = given - allowed
+    if unknown:
+        raise ValueError(f"unknown autoscaling setting(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+class RayAutoscalingSettings(BaseModel):
+    """An ``autoscaling_config`` of Ray's own fields only (the ingress's: Ray's request-count policy), checked by
+    Ray's ``AutoscalingConfig``; any other key is an error."""
+
+    model_config = ConfigDict(extra="allow")  # the extras: Ray's fields, read lazily (no Ray at import)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RayAutoscalingSettings":
+        from ray.serve.config import AutoscalingConfig
+
+        check_ray_keys(set(self.model_extra or {}))
+        AutoscalingConfig(**self.given())
+        return self
+
+    def given(self) -> dict[str, Any]:
+        """The settings as written: what Ray gets, and what /info shows."""
+        return dict(self.model_extra or {})
+
+
 PositiveNumber = Annotated[float, Field(gt=0, strict=True)]  # strict: no "2" or true for a number
 
 
@@ -131,11 +159,7 @@ class AutoscalingSettings(BaseModel):
         if "num_replicas" in given:
             raise ValueError("num_replicas (a fixed count) goes with preset 'fixed' only; autoscaling presets "
                              "take min_replicas / max_replicas")
-        ray_fields = ray_autoscaling_fields()
-        unknown = set(self.model_extra or {}) - ray_fields
-        if unknown:
-            raise ValueError(f"unknown autoscaling setting(s) {sorted(unknown)}; allowed: preset, "
-                             f"{', '.join(sorted(ray_fields | POLICY_FIELDS))}")
+        check_ray_keys(set(self.model_extra or {}), also=frozenset({"preset"}) | POLICY_FIELDS)
         if self.target_work_per_replica is not None and self.target_budgets_per_replica is not None:
             raise ValueError("give target_work_per_replica or target_budgets_per_replica, not both")
         if self.metric == "pairs" and self.target_work_per_replica is None:

@@ -117,7 +117,7 @@ def ingress_options(settings: AppSettings) -> dict[str, Any]:
         "max_ongoing_requests": ingress.max_ongoing_requests,
     }
     if ingress.autoscaling_config is not None:
-        options["autoscaling_config"] = dict(ingress.autoscaling_config)
+        options["autoscaling_config"] = ingress.autoscaling_config.given()
     else:
         options["num_replicas"] = ingress_replicas(settings)
     return options

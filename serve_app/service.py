@@ -330,7 +330,8 @@ class RerankService:
             "max_body_bytes": self.settings.max_body_bytes,
             "auth_required": self.settings.api_key is not None,
             "ingress": {"num_replicas": self.settings.ingress.num_replicas,
-                        "autoscaling_config": self.settings.ingress.autoscaling_config,
+                        "autoscaling_config": (self.settings.ingress.autoscaling_config.given()
+                                               if self.settings.ingress.autoscaling_config is not None else None),
                         "num_cpus": self.settings.ingress.num_cpus},
             # TEI /info field names, for the default model.
             "model_id": default["model_id"],

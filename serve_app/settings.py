@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, ValidationInfo,
                       ValidatorFunctionWrapHandler, field_validator, model_validator)
 
-from autoscaling.presets import AutoscalingSettings, autoscaling_options
+from autoscaling.presets import AutoscalingSettings, RayAutoscalingSettings, autoscaling_options
 from models.families import FAMILIES
 from models.hub import is_local_path
 
@@ -165,27 +165,19 @@ class IngressSettings(BaseModel):
     num_replicas: Union[PositiveInt, Literal["auto"], None] = Field(default=None, description=(
         "Tokenizing replicas. Default: 1 when every model is on CPU; with a model on a GPU, one per "
         "2 CPUs of the GPU node (at most 16), so tokenization keeps the GPU busy (serve_app/resources.py)."))
-    autoscaling_config: dict[str, Any] | None = None
+    autoscaling_config: RayAutoscalingSettings | None = Field(default=None, description=(
+        "Ray's own request-count autoscaling (its AutoscalingConfig fields only)."))
     num_cpus: float = Field(default=DEFAULT_INGRESS_CPUS, ge=0)
     max_ongoing_requests: PositiveInt = 256
 
-    @field_validator("autoscaling_config")
+    @field_validator("autoscaling_config", mode="wrap")
     @classmethod
-    def _check_autoscaling(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Ray's own request-count autoscaling: its fields only (Ray would silently drop any other)."""
-        if v is None:
-            return v
-        from ray.serve.config import AutoscalingConfig
-
-        unknown = set(v) - set(AutoscalingConfig.model_fields)
-        if unknown:
-            raise ValueError(f"ingress: unknown autoscaling_config key(s) {sorted(unknown)}; allowed: "
-                             f"{', '.join(sorted(AutoscalingConfig.model_fields))}")
+    def _name_the_ingress(cls, v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """RayAutoscalingSettings' errors (Ray's included), on one line naming the ingress."""
         try:
-            AutoscalingConfig(**v)
-        except Exception as exc:  # noqa: BLE001
+            return handler(v)
+        except ValidationError as exc:
             raise ValueError(f"ingress: invalid autoscaling_config: {_one_line(exc)}") from None
-        return v
 
 
 class AppSettings(BaseModel):

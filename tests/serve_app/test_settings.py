@@ -170,8 +170,11 @@ def test_bad_ingress_autoscaling_is_rejected():
         AppSettings(ingress={"autoscaling_config": {"max_replica": 3}})
     with pytest.raises(ValidationError, match="must be greater"):
         AppSettings(ingress={"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(ValidationError, match="ingress: invalid autoscaling_config"):
+        AppSettings(ingress={"autoscaling_config": "fast"})
     ok = AppSettings(ingress={"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}})
     assert ingress_options(ok)["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
+    assert ok.ingress.autoscaling_config.given() == {"min_replicas": 1, "max_replicas": 4}  # what /info shows
 
 
 def test_build_app_sizes_local_models_from_their_safetensors(tmp_path):
