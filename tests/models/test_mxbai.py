@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 
-import mxbai_rerank
 import numpy as np
 import pytest
 import torch
@@ -52,6 +51,8 @@ def reference(path, pairs, *, side="right", instruction=None, max_length=8192):
     """(raw scores, token rows) from mxbai_rerank.MxbaiRerankV2."""
     key = (str(path), max_length)
     if key not in _REFS:
+        import mxbai_rerank  # here, not at module level: the GPU machine's bundle collects this file without it
+
         model = mxbai_rerank.MxbaiRerankV2(str(path), device="cpu", torch_dtype=torch.float32, max_length=max_length)
         object.__setattr__(model.tokenizer, "prepare_for_model", _legacy_prepare_for_model(model.tokenizer))
         _REFS[key] = model

@@ -11,7 +11,6 @@ logit("1") − logit("0") / logit("Yes") at the last token. The expected raw sco
 """
 from __future__ import annotations
 
-import mxbai_rerank
 import numpy as np
 import pytest
 import torch
@@ -69,6 +68,8 @@ class Reference:
         elif name == "structured":
             self.score_ids_of = [self.tok.convert_tokens_to_ids("yes")]  # false_token_id null: logit(true) alone
         elif name == "mxbai":
+            import mxbai_rerank  # not at module level: the GPU machine's bundle collects this file without it
+
             self.mx = mxbai_rerank.MxbaiRerankV2
             self.score_ids_of = [first("1"), first("0")]
             self.fixed = sum(len(self.tokens(t)) for t in (self.mx.chat_template["prefix"], self.mx.sep,
