@@ -26,6 +26,7 @@ logger = logging.getLogger("ray.serve")
 STATUS_TTL_S = 1.0
 REPLICAS_TTL_S = 10.0  # the fan-out's replica count may lag a scaling step by this much (pieces still complete)
 READY_POLL_S = 2.0  # a score call this slow checks that its model still has a running replica
+REPLICAS_WAIT_S = 0.5  # the fan-out never waits longer than this for the replica count (then: max_fanout)
 
 
 class _ServeStatusCache:
@@ -76,8 +77,10 @@ class HandleBackend:
     async def replicas(self) -> int | None:
         """RUNNING replicas of the model, from a status at most REPLICAS_TTL_S old: asked on every request, and
         `serve.status()` is costly (profiled: ~7% of the ingress's CPU when fetched every second)."""
-        return running_replicas(await self._status.get(REPLICAS_TTL_S), self.handle.app_name,
-                                self.handle.deployment_name)
+        # Bounded: a slow or restarting controller must not hold every request up; the caller then cuts by
+        # max_fanout alone.
+        status = await asyncio.wait_for(self._status.get(REPLICAS_TTL_S), timeout=REPLICAS_WAIT_S)
+        return running_replicas(status, self.handle.app_name, self.handle.deployment_name)
 
 
 def running_replicas(status: Any, app_name: str, deployment_name: str) -> int | None:

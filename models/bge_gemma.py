@@ -74,9 +74,13 @@ class BgeGemmaEncoder(Encoder):
 
     def _prompt_ids(self, instruction: str | None) -> list[int]:
         prompt = DEFAULT_PROMPT if instruction is None else instruction
-        if prompt not in self._prompts:
-            self._prompts = {DEFAULT_PROMPT: self._prompts[DEFAULT_PROMPT], prompt: self._piece(prompt)}
-        return self._prompts[prompt]
+        ids = self._prompts.get(prompt)
+        if ids is None:
+            # The default plus the latest custom prompt. Encoders run on several ingress threads at once, so the
+            # ids are returned from here, never read back from a dict another thread may have replaced.
+            ids = self._piece(prompt)
+            self._prompts = {DEFAULT_PROMPT: self._prompts[DEFAULT_PROMPT], prompt: ids}
+        return ids
 
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
         return self._encode(items, truncate, direction, instruction, max_tokens_per_doc)[0]

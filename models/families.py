@@ -4,7 +4,7 @@ A family is one module of models/ that ends with `FAMILY = Family(...)`: its nam
 loader and its scorer class. Detection (detect.py), `load_encoder` / `load_scorer` (models/__init__.py), the
 settings' `family` values and `/info` all read this registry. Adding a family = its module + one line below.
 
-The names are plain data, so importing this module loads no family (and no torch).
+The names are plain data: a family's module is imported only when `get` asks for it.
 """
 from __future__ import annotations
 

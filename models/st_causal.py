@@ -32,6 +32,7 @@ _SIZE_KWARGS = {"padding", "truncation", "max_length", "return_tensors"}  # neve
 _STRUCTURED_PATTERNS = ("content[0]", ".type", "'type'", '"type"', "item.type", "message.content[")
 _FLAT_MODEL_TYPES = {"apertus", "deepseek_v3", "gpt_oss", "seed_oss"}
 _SUFFIX_FILLERS = ("0", "1 2 3 4")  # two renders whose common token tail is the template's own tail
+MAX_CACHED_PROMPTS = 64  # template tails kept per encoder (one per distinct prompt / instruction)
 # Stand-ins for a document, to find where the template puts it (private-use characters: in no template's text).
 _DOC_MARKERS = ("\ue000document-a\ue001", "\ue000document-b\ue001")
 _ROLE_PROBES = (("alpha", "bravo"), ("charlie", "bravo"), ("alpha", "foxtrot"))
@@ -111,7 +112,7 @@ class StCausalEncoder(Encoder):
         backend = tok.backend_tokenizer
         self._full = backend_copy(backend, None)
         self._cut = {d: backend_copy(backend, self.max_length, d) for d in ("right", "left")}
-        self._suffixes: dict[str | None, list[int]] = {}
+        self._suffixes: dict[str | None, list[int]] = {}  # prompt -> template tail (suffix_ids)
         self._check_pair_roles()
 
     @staticmethod
@@ -146,7 +147,8 @@ class StCausalEncoder(Encoder):
     def suffix_ids(self, prompt: str | None) -> list[int]:
         """The template's tail after the document, for one prompt: the common token tail of two renders with
         different filler contents (system message kept), [] when the renders never diverge."""
-        if prompt not in self._suffixes:
+        suffix = self._suffixes.get(prompt)
+        if suffix is None:
             first, second = (self._full.encode(self._render([self._conversation(prompt, f, f)])[0],
                                                add_special_tokens=False).ids for f in _SUFFIX_FILLERS)
             count = 0
@@ -154,8 +156,13 @@ class StCausalEncoder(Encoder):
                 if a != b:
                     break
                 count += 1
-            self._suffixes[prompt] = first[len(first) - count:] if 0 < count < min(len(first), len(second)) else []
-        return self._suffixes[prompt]
+            suffix = first[len(first) - count:] if 0 < count < min(len(first), len(second)) else []
+            # Keyed by the request's instruction: bounded, so distinct instructions cannot grow the ingress without
+            # end (a cleared cache only costs two renders); the value is returned, never read back.
+            if len(self._suffixes) >= MAX_CACHED_PROMPTS:
+                self._suffixes = {}
+            self._suffixes[prompt] = suffix
+        return suffix
 
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
         direction = parse_direction(direction)

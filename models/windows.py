@@ -21,7 +21,6 @@ from .errors import InputError, InputTooLongError
 # Fewer document tokens than this per window: the pair is scored as with "truncate" (API.md 1.6).
 MIN_WINDOW = 32
 _ALL = 1 << 62  # "keep every query token"
-LONG_DOCUMENT_MODES = ("truncate", "chunk")
 
 
 @dataclass(frozen=True)

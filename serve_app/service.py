@@ -166,14 +166,16 @@ class RerankService:
         # No more pieces than one replica takes at once: a lone request never queues (nor gets a 429)
         # because of its own pieces.
         max_pieces = min(model.max_fanout, model.max_ongoing_requests)
-        replicas = await _replicas(backend)
+        piece_tokens = self._piece_tokens[model.name]
+        # The replica count is asked only for a request that could be cut: most requests go whole anyway.
+        replicas = await _replicas(backend) if batch.num_tokens >= 2 * piece_tokens and max_pieces > 1 else None
         if replicas is not None:
             # Pieces pay only where several replicas share them: one replica (which uses every CPU it sees)
             # would merge them back into the same forward batches, and each piece costs the ingress a handle
             # call (measured: 8 pieces a request took ~20% of the ingress CPU, benchmarks/README.md).
             # Two per replica keep replicas even when Ray's router sends two pieces to the same one.
             max_pieces = 1 if replicas <= 1 else min(max_pieces, 2 * replicas)
-        pieces = plan_pieces(batch.lengths, piece_tokens=self._piece_tokens[model.name], max_pieces=max_pieces)
+        pieces = plan_pieces(batch.lengths, piece_tokens=piece_tokens, max_pieces=max_pieces)
         if len(pieces) == 1:
             parts = [await backend.score(batch)]
         else:

@@ -41,3 +41,40 @@ def test_running_replicas_counts_running_only():
     assert running_replicas(status(DeploymentStatus.HEALTHY, 3, starting=1), "app", "model-a") == 3
     assert running_replicas(status(DeploymentStatus.UPSCALING, 0, starting=1), "app", "model-a") == 0
     assert running_replicas(status(DeploymentStatus.HEALTHY, 1), "app", "model-b") is None
+
+
+def test_the_replica_count_never_waits_on_a_stuck_controller(monkeypatch):
+    """serve.status() has no timeout of its own: a stuck controller must not hold up the requests that ask."""
+    import asyncio
+    import threading
+    import time
+
+    from deployments import ingress
+
+    release = threading.Event()
+
+    def stuck_status():
+        release.wait(5)
+        return None
+
+    monkeypatch.setattr(ingress.serve, "status", stuck_status)
+    monkeypatch.setattr(ingress, "REPLICAS_WAIT_S", 0.2)
+
+    class Handle:
+        app_name, deployment_name = "app", "model-a"
+
+    backend = ingress.HandleBackend(Handle(), ingress._ServeStatusCache())
+
+    async def ask() -> float:
+        start = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await backend.replicas()
+        elapsed = time.monotonic() - start
+        release.set()  # let the status thread end, so the loop's shutdown does not wait for it
+        return elapsed
+
+    try:
+        # Timed inside the loop: asyncio.run's shutdown then waits for the stuck status thread itself.
+        assert asyncio.run(ask()) < 2
+    finally:
+        release.set()

@@ -138,3 +138,21 @@ def test_pieces_follow_the_running_replicas(count, calls):
     assert r.status_code == 200, r.text
     assert {item["index"]: item["score"] for item in r.json()} == {i: float(i) for i in range(len(DOCS))}
     assert len(backend.calls) == calls
+
+
+def test_a_request_that_cannot_be_cut_never_asks_for_the_replica_count():
+    """The count costs a controller round trip (cached, but a lock every request would wait on): only a request
+    of two token budgets or more, which could be cut, asks for it."""
+    class Counting(ReplicaCountingBackend):
+        asked = 0
+
+        async def replicas(self):
+            Counting.asked += 1
+            return await super().replicas()
+
+    backend = Counting({}, 2)
+    client = _client(backend, token_budget=40, max_fanout=8)
+    assert client.post("/rerank", json={"query": "q", "texts": DOCS[:1]}).status_code == 200
+    assert Counting.asked == 0 and len(backend.calls) == 1
+    assert client.post("/rerank", json={"query": "q", "texts": DOCS}).status_code == 200
+    assert Counting.asked == 1
