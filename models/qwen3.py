@@ -1,15 +1,13 @@
 """Qwen3-Reranker from the official `Qwen3ForCausalLM` checkpoints: raw score = logit("yes") − logit("no") of the
-last token, computed as h_last · (W[yes] − W[no]) — two rows of the output weights, never the vocabulary
-projection. W is lm_head.weight, or the input embedding when tie_word_embeddings is true (0.6B, 4B; not 8B).
+last token, from two rows of the output weights (models/causal.py), never the vocabulary projection. W is
+lm_head.weight, or the input embedding when tie_word_embeddings is true (0.6B, 4B; not 8B).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from .causal import read_weight_rows
-from .common import from_pretrained, load_config, position_limit, resolve_max_length, torch_dtype
+from .causal import CausalLMScorer, pad_token_id
+from .common import load_config, position_limit, resolve_max_length
 from .encoded import EncodedBatch
 from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
 from .errors import InputTooLongError, ModelLoadError
@@ -120,53 +118,17 @@ def yes_no_ids(model_id: str, tokenizer) -> tuple[int, int]:
     return int(ids[0]), int(ids[1])
 
 
-class Qwen3Scorer(Scorer):
+class Qwen3Scorer(CausalLMScorer, Scorer):
     def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
                  token_budget: int | None, execution: str = "auto"):
-        from transformers import AutoModel
-
         config = load_config(model_id, model_dir)
         encoder = _encoder(model_id, model_dir, config, max_length)
-        tok = encoder.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         super().__init__(family="qwen3", model_id=model_id, encoder=encoder, dtype=dtype, device=device,
-                         token_budget=token_budget, pad_id=pad, execution=execution)
-        yes, no = yes_no_ids(model_id, tok)
-        # The headless Qwen3Model: the checkpoint's lm_head (151k × hidden) is never materialised.
-        model = from_pretrained(model_id, AutoModel, model_dir, quiet_unexpected=True, config=config,
-                                dtype=torch_dtype(dtype))
-        self.model = model.to(device).eval()
-        self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tied:
-            rows = self.model.get_input_embeddings().weight[[yes, no]]
-        else:
-            rows = read_weight_rows(model_id, model_dir, "lm_head.weight", [yes, no])
-        rows = rows.detach().float()
-        # h · W[yes] − h · W[no] = h · (W[yes] − W[no]); kept in fp32.
-        self.score_vector = (rows[0] - rows[1]).to(device)
-        self.num_parameters = sum(p.numel() for p in self.model.parameters())
-        if not self.tied:
-            self.num_parameters += config.vocab_size * config.hidden_size
-        self.set_execution()
+                         token_budget=token_budget, pad_id=pad_token_id(encoder.tokenizer, config), execution=execution)
+        self.load_causal_lm(model_id, model_dir, config, yes_no_ids(model_id, encoder.tokenizer))
 
-    @property
-    def supports_packed(self) -> bool:
-        return True  # Qwen3Model: causal GQA through the AttentionInterface, positions from 0
-
-    def _attention_modules(self):
-        return [self.model]
-
-    def _forward_packed(self, inputs):
-        from .packing import last_token
-
-        hidden = self.model(**inputs.model_kwargs(), use_cache=False).last_hidden_state
-        return last_token(hidden, inputs.cu_seq_lens).float() @ self.score_vector
-
-    def _forward_padded(self, input_ids, attention_mask, token_type_ids):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1  # right padding: the last REAL token of each row
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return h.float() @ self.score_vector
+    def combine(self, logits):
+        return logits[:, 0] - logits[:, 1]  # logit("yes") - logit("no")
 
 
 def _detect(files) -> bool:

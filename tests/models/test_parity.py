@@ -135,7 +135,7 @@ def test_qwen3_custom_instruction_matches_recipe(tiny, scorers):
 def test_untied_qwen3_uses_lm_head_not_embeddings(tiny, scorers):
     """Scoring the untied model with the embedding rows would give different numbers (the 8B bug)."""
     scorer = scorers("qwen3_untied")
-    assert not scorer.tied
+    assert not scorer.logits.tied
     assert not any(p.shape[0] == scorer.model.config.vocab_size and p is not
                    scorer.model.get_input_embeddings().weight for p in scorer.model.parameters())  # no lm_head kept
     batch = scorer.encoder.encode(PAIRS)
