@@ -16,10 +16,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .causal import CausalLMScorer, cut_texts, pad_token_id
+from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep, pad_token_id
 from .common import load_config, position_limit, resolve_max_length
 from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from .encoding import check_items
 from .errors import InputTooLongError, ModelLoadError
 from .families import Family
 from .scoring import Scorer
@@ -38,26 +38,17 @@ def _detect(files) -> bool:
     return "GemmaForCausalLM" in files.architectures and any(NAMES.fullmatch(n) for n in files.names)
 
 
-def _cut(ids: list[int], n: int, direction: str) -> list[int]:
-    if len(ids) <= n:
-        return ids
-    return ids[:n] if direction == "right" else ids[len(ids) - n:]
-
-
 def _overhead(tokenizer, prompt: str) -> int:
     return 2 * (len(tokenizer.encode(SEP, add_special_tokens=False))
                 + len(tokenizer.encode(prompt, add_special_tokens=False)))
 
 
-class BgeGemmaEncoder(Encoder):
-    accepts_single = False
-    accepts_instruction = True
+class BgeGemmaEncoder(PiecesEncoder):
     default_instruction = DEFAULT_PROMPT
 
     def __init__(self, *, positions: int | None, **kw):
         super().__init__(**kw)
         tok = self.tokenizer
-        self._full = backend_copy(tok.backend_tokenizer, None)
         self.sep_ids = self._piece(SEP)
         self._prompts = {DEFAULT_PROMPT: self._piece(DEFAULT_PROMPT)}
         self.passage_length = self.max_length - 2 * (len(self.sep_ids) + len(self._prompts[DEFAULT_PROMPT]))
@@ -69,9 +60,6 @@ class BgeGemmaEncoder(Encoder):
         self.bos = [bos] if bos is not None and bos != pad else []
         self.positions = positions
 
-    def _piece(self, text: str) -> list[int]:
-        return self._full.encode(text, add_special_tokens=False).ids
-
     def _prompt_ids(self, instruction: str | None) -> list[int]:
         prompt = DEFAULT_PROMPT if instruction is None else instruction
         ids = self._prompts.get(prompt)
@@ -82,37 +70,22 @@ class BgeGemmaEncoder(Encoder):
             self._prompts = {DEFAULT_PROMPT: self._prompts[DEFAULT_PROMPT], prompt: ids}
         return ids
 
-    def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
-        return self._encode(items, truncate, direction, instruction, max_tokens_per_doc)[0]
+    def query_text(self, query, instruction):
+        return QUERY_FORMAT.format(query)
 
-    def encode_with_cuts(self, items, *, direction="right", instruction=None, max_tokens_per_doc=None):
-        # The pieces' own limits cut a row below max_length (a long query alone), so the cuts are reported.
-        return self._encode(items, True, direction, instruction, max_tokens_per_doc)
+    def doc_text(self, doc):
+        return PASSAGE_FORMAT.format(doc)
 
-    def _encode(self, items, truncate, direction, instruction, max_tokens_per_doc):
-        direction = parse_direction(direction)
-        check_max_tokens_per_doc(max_tokens_per_doc)
-        check_items(self, items, instruction)
+    def _assemble(self, q_enc, d_enc, truncate, direction, instruction):
         prompt_ids = self._prompt_ids(instruction)
-        queries, docs = [], []
-        for query, doc in items:
-            queries.append(QUERY_FORMAT.format(query))
-            docs.append(doc)
-        if max_tokens_per_doc is not None:
-            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
-        q_enc = self._full.encode_batch(queries, add_special_tokens=False)
-        d_enc = self._full.encode_batch([PASSAGE_FORMAT.format(d) for d in docs], add_special_tokens=False)
         length = self.passage_length
         budget = length + len(self.sep_ids) + len(prompt_ids)  # FlagEmbedding's encode_max_length
         tail = self.sep_ids + prompt_ids
         ids, cuts = [], []
         for i, (q, d) in enumerate(zip(q_enc, d_enc)):
-            first = self.bos + _cut(q.ids, length * 3 // 4, direction)
-            d_ids = _cut(d.ids, length, direction)
-            second = self.sep_ids + d_ids
-            over = len(first) + len(second) - budget
-            if 0 < over < len(second):  # the "only_second" cut of the pair
-                second = second[:len(second) - over] if direction == "right" else second[over:]
+            first = self.bos + keep(q.ids, length * 3 // 4, direction)
+            d_ids = keep(d.ids, length, direction)
+            second = cut_second(len(first), self.sep_ids + d_ids, budget, direction)
             row = first + second + tail
             cut = len(first) - len(self.bos) < len(q.ids) or len(d_ids) < len(d.ids) \
                 or len(second) < len(self.sep_ids) + len(d_ids)

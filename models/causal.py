@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tokenizers import Encoding
 
+from .encoded import EncodedBatch
+from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
 from .errors import ModelLoadError
 
 
@@ -103,6 +106,68 @@ def cut_texts(backend, texts: list[str], max_tokens: int, direction: str) -> lis
             text = text[:enc.offsets[max_tokens - 1][1]] if direction == "right" else text[enc.offsets[-max_tokens][0]:]
         out.append(text)
     return out
+
+
+def keep(ids: list[int], n: int, direction: str) -> list[int]:
+    """The first (right) or last (left) `n` of a piece's tokens, as the tokenizer's `truncation_side` cuts."""
+    if len(ids) <= n:
+        return ids
+    return ids[:n] if direction == "right" else ids[len(ids) - n:]
+
+
+def cut_second(first: int, second: list[int], budget: int, direction: str) -> list[int]:
+    """The tokenizer's "only_second" cut of a pair: `second` shortened so first + second fits `budget`, when it
+    can be (a pair it cannot fit that way is left whole, as the tokenizer leaves it)."""
+    over = first + len(second) - budget
+    if 0 < over < len(second):
+        return second[:len(second) - over] if direction == "right" else second[over:]
+    return second
+
+
+class PiecesEncoder(Encoder):
+    """Prompts assembled from separately tokenized pieces (mxbai, bge-gemma): each query and document is
+    formatted, tokenized without special tokens, and the family's `_assemble` cuts the pieces to their own limits.
+    A cut row can then be shorter than max_length, so `encode_with_cuts` reports which items were cut."""
+
+    accepts_single = False
+    accepts_instruction = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._full = backend_copy(self.tokenizer.backend_tokenizer, None)
+
+    def _piece(self, text: str) -> list[int]:
+        return self._full.encode(text, add_special_tokens=False).ids
+
+    def query_text(self, query: str, instruction: str | None) -> str:
+        raise NotImplementedError
+
+    def doc_text(self, doc: str) -> str:
+        raise NotImplementedError
+
+    def _assemble(self, queries: list[Encoding], docs: list[Encoding], truncate: bool, direction: str,
+                  instruction: str | None) -> tuple[EncodedBatch, list[bool]]:
+        raise NotImplementedError
+
+    def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
+        return self._encode(items, truncate, direction, instruction, max_tokens_per_doc)[0]
+
+    def encode_with_cuts(self, items, *, direction="right", instruction=None, max_tokens_per_doc=None):
+        return self._encode(items, True, direction, instruction, max_tokens_per_doc)
+
+    def _encode(self, items, truncate, direction, instruction, max_tokens_per_doc):
+        direction = parse_direction(direction)
+        check_max_tokens_per_doc(max_tokens_per_doc)
+        check_items(self, items, instruction)
+        queries, docs = [], []
+        for query, doc in items:
+            queries.append(self.query_text(query, instruction))
+            docs.append(doc)
+        if max_tokens_per_doc is not None:
+            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
+        q_enc = self._full.encode_batch(queries, add_special_tokens=False)
+        d_enc = self._full.encode_batch([self.doc_text(d) for d in docs], add_special_tokens=False)
+        return self._assemble(q_enc, d_enc, truncate, direction, instruction)
 
 
 class CausalLMScorer:

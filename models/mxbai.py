@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .causal import CausalLMScorer, cut_texts, pad_token_id
+from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep, pad_token_id
 from .common import load_config, position_limit, resolve_max_length
 from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from .encoding import check_items
 from .errors import InputTooLongError, ModelLoadError
 from .families import Family
 from .scoring import Scorer
@@ -47,23 +47,13 @@ def query_text(query: str, instruction: str | None) -> str:
     return f"instruction: {instruction}{SEP}{text}" if instruction else text
 
 
-def _cut(ids: list[int], n: int, direction: str) -> list[int]:
-    if len(ids) <= n:
-        return ids
-    return ids[:n] if direction == "right" else ids[len(ids) - n:]
-
-
-class MxbaiEncoder(Encoder):
-    accepts_single = False
-    accepts_instruction = True
+class MxbaiEncoder(PiecesEncoder):
     default_instruction = None
 
     def __init__(self, *, positions: int, **kw):
         super().__init__(**kw)
-        self._full = backend_copy(self.tokenizer.backend_tokenizer, None)
-        piece = lambda text: self._full.encode(text, add_special_tokens=False).ids  # noqa: E731
-        self.prefix_ids, self.sep_ids = piece(PREFIX), piece(SEP)
-        self.tail_ids = self.sep_ids + piece(TASK_PROMPT) + piece(SUFFIX)
+        self.prefix_ids, self.sep_ids = self._piece(PREFIX), self._piece(SEP)
+        self.tail_ids = self.sep_ids + self._piece(TASK_PROMPT) + self._piece(SUFFIX)
         self.fixed = len(self.prefix_ids) + len(self.tail_ids)
         self.content_length = self.max_length - self.fixed  # the package's max_length
         self.positions = positions  # the package's model_max_length (max_position_embeddings)
@@ -71,34 +61,19 @@ class MxbaiEncoder(Encoder):
             raise ModelLoadError(self.model_id, f"max_length {self.max_length} leaves no room for a query and a "
                                                 f"document after the prompt's {self.fixed} fixed tokens")
 
-    def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
-        return self._encode(items, truncate, direction, instruction, max_tokens_per_doc)[0]
+    def query_text(self, query, instruction):
+        return query_text(query, instruction)
 
-    def encode_with_cuts(self, items, *, direction="right", instruction=None, max_tokens_per_doc=None):
-        # The pieces' own limits cut a row below max_length (a long query alone), so the cuts are reported.
-        return self._encode(items, True, direction, instruction, max_tokens_per_doc)
+    def doc_text(self, doc):
+        return DOC_FORMAT.format(doc)
 
-    def _encode(self, items, truncate, direction, instruction, max_tokens_per_doc):
-        direction = parse_direction(direction)
-        check_max_tokens_per_doc(max_tokens_per_doc)
-        check_items(self, items, instruction)
-        queries, docs = [], []
-        for query, doc in items:
-            queries.append(query_text(query, instruction))
-            docs.append(doc)
-        if max_tokens_per_doc is not None:
-            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
-        q_enc = self._full.encode_batch(queries, add_special_tokens=False)
-        d_enc = self._full.encode_batch([DOC_FORMAT.format(d) for d in docs], add_special_tokens=False)
+    def _assemble(self, q_enc, d_enc, truncate, direction, instruction):
         length = self.content_length
         ids, cuts = [], []
         for i, (q, d) in enumerate(zip(q_enc, d_enc)):
-            q_ids = _cut(q.ids, length * 3 // 4, direction)
-            d_ids = _cut(d.ids, min(self.positions - len(q_ids) - self.fixed, length), direction)
-            second = self.sep_ids + d_ids
-            over = len(q_ids) + len(second) - length
-            if 0 < over < len(second):  # the package's "only_second" cut of the pair
-                second = second[:len(second) - over] if direction == "right" else second[over:]
+            q_ids = keep(q.ids, length * 3 // 4, direction)
+            d_ids = keep(d.ids, min(self.positions - len(q_ids) - self.fixed, length), direction)
+            second = cut_second(len(q_ids), self.sep_ids + d_ids, length, direction)  # the package's cut of the pair
             cut = len(q_ids) < len(q.ids) or len(d_ids) < len(d.ids) or len(second) < len(self.sep_ids) + len(d_ids)
             if cut and not truncate:
                 raise InputTooLongError(
@@ -114,9 +89,9 @@ class MxbaiEncoder(Encoder):
         from .windows import DocumentSlot
 
         check_items(self, (), instruction)
-        piece = lambda text: self._full.encode(text, add_special_tokens=False).ids  # noqa: E731
-        q_ids = piece(query_text(self.kept_query(query, query_tokens), instruction))
-        return DocumentSlot(self.prefix_ids + q_ids + self.sep_ids + piece(DOC_FORMAT.format("")), list(self.tail_ids))
+        q_ids = self._piece(query_text(self.kept_query(query, query_tokens), instruction))
+        return DocumentSlot(self.prefix_ids + q_ids + self.sep_ids + self._piece(DOC_FORMAT.format("")),
+                            list(self.tail_ids))
 
 
 def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> MxbaiEncoder:
