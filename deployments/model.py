@@ -51,15 +51,15 @@ def batch_tokens(works: Sequence[Work]) -> int:
     return total
 
 
-def split_by_chunks(batch: EncodedBatch, chunks: Sequence[np.ndarray]) -> list[tuple[np.ndarray, EncodedBatch]]:
-    """(indices, sub-batch) per forward chunk of a request too big for one batch (`Scorer.chunks` plans them,
+def split_by_chunks(batch: EncodedBatch, chunks: Sequence[np.ndarray]) -> list[EncodedBatch]:
+    """The sub-batch of each forward chunk of a request too big for one batch (`Scorer.chunks` plans them,
     models/cutting.py).
 
     Ray's batcher fails an item larger than its budget, so a big request is queued as its chunks, which batch
     like any other request. The chunks are length-sorted, so each holds sequences of similar length: cutting
     the request in arrival order instead padded every chunk to its longest pair.
     """
-    return [(index, batch.select(index)) for index in chunks]
+    return [batch.select(index) for index in chunks]
 
 
 class _Metrics:
@@ -142,7 +142,7 @@ class ModelReplica:
             else:
                 chunks = self.scorer.chunks(batch.lengths)
                 parts = await asyncio.gather(*(self._score_queued(sub, arrived)
-                                               for _, sub in split_by_chunks(batch, chunks)))
+                                               for sub in split_by_chunks(batch, chunks)))
                 raw = scatter(chunks, parts, len(batch))
         self.metrics.latency.observe(time.monotonic() - arrived)
         return raw

@@ -231,15 +231,13 @@ class Scorer:
         the budget counts padded tokens in padded mode, real tokens in packed mode."""
         return plan_chunks(lengths, self.token_budget, packed=self.execution == "packed")
 
-    # One chunk's host scores, without the CUDA pipeline: `_score_padded` / `_score_packed` build the chunk's
-    # inputs for `_forward_padded` / `_forward_packed` and run it.
+    # One chunk's host scores where there is no CUDA pipeline (CUDA always takes `_score_pipelined`):
+    # `_score_padded` / `_score_packed` build the chunk's inputs for `_forward_padded` / `_forward_packed` and run it.
     def _score_packed(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
         from .packing import pack
 
-        on_cuda = self.device.startswith("cuda")
-        inputs = pack(batch, index, position_offset=self.position_offset, with_token_types=self.uses_token_types,
-                      pin_memory=on_cuda)  # pinned: an asynchronous, faster host-to-device copy
-        scores = self._forward_packed(inputs.to(self.device, non_blocking=True))
+        inputs = pack(batch, index, position_offset=self.position_offset, with_token_types=self.uses_token_types)
+        scores = self._forward_packed(inputs.to(self.device))
         return scores.float().cpu().numpy()
 
     def _score_padded(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:

@@ -38,7 +38,8 @@ def planner(budget: int, execution: str = "padded"):
 ])
 def test_split_by_chunks_groups_similar_lengths_within_the_budget(lengths, budget, execution):
     batch = batch_of(lengths)
-    pieces = split_by_chunks(batch, planner(budget, execution).chunks(batch.lengths))
+    chunks = planner(budget, execution).chunks(batch.lengths)
+    pieces = list(zip(chunks, split_by_chunks(batch, chunks), strict=True))
     seen = np.concatenate([index for index, _ in pieces])
     assert sorted(seen.tolist()) == list(range(len(lengths)))  # every sequence exactly once
     for index, piece in pieces:
