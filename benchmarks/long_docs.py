@@ -5,7 +5,7 @@
 
 The same documents (NQ-like queries of 8-16 tokens, documents of ~`--doc-tokens` tokens made of benchmark words
 that are one token each) are scored by `scorer.score(encoder.encode(pairs))` (truncate: every pair cut to
-max_length) and by `encoder.encode_windows(pairs)` + `scorer.score` + `reduce` (chunk: every window scored).
+max_length) and by `encode_windows(encoder, pairs)` + `scorer.score` + `reduce` (chunk: every window scored).
 Both are timed end to end (tokenization included), interleaved, after one warm-up each. Chunking should cost
 its windows' tokens and no more: window-tokens/s of chunk ≈ tokens/s of truncate.
 """
@@ -45,6 +45,7 @@ def run(args) -> dict:
     import torch
 
     import models
+    from models.windows import encode_windows
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rerank-bench-"))
     model_dir = build.build(args.model, workdir)
@@ -58,7 +59,7 @@ def run(args) -> dict:
         return scorer.score(batch), batch.num_tokens, len(batch)
 
     def chunk():
-        windowed = encoder.encode_windows(pairs, chunk_overlap=args.chunk_overlap, max_chunks=args.max_chunks)
+        windowed = encode_windows(encoder, pairs, chunk_overlap=args.chunk_overlap, max_chunks=args.max_chunks)
         return windowed.reduce(scorer.score(windowed.batch)), windowed.num_tokens, len(windowed.batch)
 
     runs = {"truncate": truncate, "chunk": chunk}
@@ -76,7 +77,7 @@ def run(args) -> dict:
     encoder.encode(pairs)
     encode_truncate_s = time.perf_counter() - start
     start = time.perf_counter()
-    encoder.encode_windows(pairs, chunk_overlap=args.chunk_overlap, max_chunks=args.max_chunks)
+    encode_windows(encoder, pairs, chunk_overlap=args.chunk_overlap, max_chunks=args.max_chunks)
     encode_chunk_s = time.perf_counter() - start
 
     report = {"model": args.model, "device": args.device, "dtype": str(scorer.dtype), "max_length": encoder.max_length,

@@ -88,8 +88,8 @@ def check_items(encoder, items: Sequence[Item], instruction: str | None) -> None
 class Encoder:
     """Turns (query, document) items into an EncodedBatch the family's Scorer takes. Light: tokenizer only.
 
-    Long documents (API.md 1.6, models/windows.py). `encode_windows` scores a pair that does not fit as windows
-    of its document's tokens; the planner is generic and needs from a family only two things:
+    Long documents (API.md 1.6): models/windows.py's `encode_windows(encoder, ...)` scores a pair that does not
+    fit as windows of its document's tokens; the planner is generic and needs from a family only two things:
       - `encode(items, truncate=False, ...)` raising InputTooLongError for a pair over `max_length` (every
         family does: that is how `truncate: false` works), and
       - `document_slot(query, query_tokens, instruction) -> DocumentSlot`: the template's tokens BEFORE and AFTER
@@ -158,16 +158,6 @@ class Encoder:
     def plain_tokens(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's own tokens, no special tokens."""
         return [e.ids for e in self.plain_tokenizer().encode_batch(list(texts), add_special_tokens=False)]
-
-    def encode_windows(self, items: Sequence[Item], *, truncate: bool = True, direction: str = "right",
-                       instruction: str | None = None, max_tokens_per_doc: int | None = None,
-                       chunk_overlap: int = 64, max_chunks: int = 32):
-        """`encode` with `long_documents: "chunk"`: a windows.WindowedBatch (see models/windows.py)."""
-        from .windows import encode_windows
-
-        return encode_windows(self, items, truncate=truncate, direction=parse_direction(direction),
-                              instruction=instruction, max_tokens_per_doc=max_tokens_per_doc,
-                              chunk_overlap=chunk_overlap, max_chunks=max_chunks)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_id!r}, family={self.family!r}, max_length={self.max_length})"

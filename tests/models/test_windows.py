@@ -13,7 +13,7 @@ import torch
 from sentence_transformers import CrossEncoder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.windows import window_starts
+from models.windows import encode_windows, window_starts
 from tests.tiny_models import CORPUS
 
 TOL = 1e-5
@@ -146,7 +146,7 @@ def check(scorers, references, variant, max_length, pairs, *, overlap=64, max_ch
     """The service's windows (tokens and max scores) equal the reference's, to TOL."""
     scorer = scorers(variant, max_length=max_length)
     ref = references(variant, max_length)
-    windowed = scorer.encoder.encode_windows(pairs, chunk_overlap=overlap, max_chunks=max_chunks)
+    windowed = encode_windows(scorer.encoder, pairs, chunk_overlap=overlap, max_chunks=max_chunks)
     got = windowed.reduce(scorer.score(windowed.batch))
     expected, sequences = zip(*(ref.raw(q, d, overlap, max_chunks) for q, d in pairs))
     assert windowed.counts.tolist() == [len(s) for s in sequences]
@@ -194,7 +194,7 @@ def test_a_fitting_pair_scores_as_with_truncation(scorers, references, variant, 
     pairs = [(QUERY, SHORT_DOC), (QUERY, "")]
     got, _ = check(scorers, references, variant, max_length, pairs, expect_counts=[1, 1])
     batch = scorer.encoder.encode(pairs)
-    windowed = scorer.encoder.encode_windows(pairs)
+    windowed = encode_windows(scorer.encoder, pairs)
     assert not windowed.chunked.any()
     assert np.array_equal(windowed.batch.input_ids, batch.input_ids)
     assert np.abs(scorer.score(batch) - got).max() == 0
@@ -207,22 +207,22 @@ def test_too_narrow_a_window_scores_as_truncate(scorers, variant, max_length):
     scorer = scorers(variant, max_length=max_length)
     pairs = [(LONG_QUERY, SHORT_DOC), (QUERY, LONG_DOC)]
     for side in ("right", "left"):
-        windowed = scorer.encoder.encode_windows(pairs, direction=side)
+        windowed = encode_windows(scorer.encoder, pairs, direction=side)
         assert windowed.chunked.tolist() == [False, True]
         truncated = scorer.encoder.encode(pairs[:1], direction=side)
         assert windowed.batch.sequence(0).tolist() == truncated.sequence(0).tolist()
     from models.errors import InputTooLongError
     with pytest.raises(InputTooLongError):
-        scorer.encoder.encode_windows(pairs, truncate=False)
+        encode_windows(scorer.encoder, pairs, truncate=False)
     # truncate=false does not apply to a chunked document
-    assert scorer.encoder.encode_windows(pairs[1:], truncate=False).chunked.tolist() == [True]
+    assert encode_windows(scorer.encoder, pairs[1:], truncate=False).chunked.tolist() == [True]
 
 
 def test_max_tokens_per_doc_applies_before_the_windows(scorers, references):
     scorer = scorers("bert", max_length=128)
     ref = references("bert", 128)
     d = ref.tokens(LONG_DOC)
-    windowed = scorer.encoder.encode_windows([(QUERY, LONG_DOC)], max_tokens_per_doc=150, chunk_overlap=16)
+    windowed = encode_windows(scorer.encoder, [(QUERY, LONG_DOC)], max_tokens_per_doc=150, chunk_overlap=16)
     q = ref.tokens(QUERY)
     width = 128 - 3 - len(q)
     expected = [ref.template(q, w)[0] for w in reference_windows(d[:150], width, 16, 32)]
@@ -233,7 +233,7 @@ def test_qwen3_custom_instruction_goes_into_every_window(scorers, references):
     scorer = scorers("qwen3_tied", max_length=256)
     ref = references("qwen3_tied", 256)
     instruction = "Judge whether the document answers the query about a capital city"
-    windowed = scorer.encoder.encode_windows([(QUERY, LONG_DOC)], instruction=instruction)
+    windowed = encode_windows(scorer.encoder, [(QUERY, LONG_DOC)], instruction=instruction)
     expected, seqs = ref.raw(QUERY, LONG_DOC, instruction=instruction)
     assert [windowed.batch.sequence(i).tolist() for i in range(len(windowed.batch))] == [s for s, _ in seqs]
     assert abs(windowed.reduce(scorer.score(windowed.batch))[0] - expected) <= TOL
@@ -242,7 +242,7 @@ def test_qwen3_custom_instruction_goes_into_every_window(scorers, references):
 def test_single_texts_are_scored_as_usual(scorers):
     scorer = scorers("bert", max_length=64)
     items = [("berlin " * 80, None), (QUERY, LONG_DOC)]
-    windowed = scorer.encoder.encode_windows(items)
+    windowed = encode_windows(scorer.encoder, items)
     assert windowed.chunked.tolist() == [False, True]
     assert windowed.batch.sequence(0).tolist() == scorer.encoder.encode(items[:1]).sequence(0).tolist()
 
@@ -282,7 +282,7 @@ def test_the_fit_boundary(scorers, references, variant, max_length):
     over = k
     assert exact, "no document of exactly max_length tokens"
     pairs = [(QUERY, LONG_DOC[:exact[-1]]), (QUERY, LONG_DOC[:over])]
-    windowed = scorer.encoder.encode_windows(pairs)
+    windowed = encode_windows(scorer.encoder, pairs)
     assert windowed.chunked.tolist() == [False, True]
     assert windowed.batch.sequence(0).tolist() == scorer.encoder.encode(pairs[:1]).sequence(0).tolist()
     assert len(windowed.batch.sequence(0)) == max_length

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models import load_scorer
+from models.windows import encode_windows
 from tests.llm_rerankers import build_bge_gemma, build_mxbai, build_st_causal
 from tests.models.test_windows import LONG_QUERY as _LONG_QUERY
 from tests.models.test_windows import QUERY, SENTENCES, SHORT_DOC, reference_windows
@@ -172,8 +173,8 @@ def llm(llm_dirs):
 def check(llm, name, max_length, pairs, *, overlap=64, max_chunks=32, instruction=None, expect_counts=None):
     """The service's windows (token ids and max scores) equal the reference's, to TOL."""
     scorer, ref = llm(name, max_length)
-    windowed = scorer.encoder.encode_windows(pairs, chunk_overlap=overlap, max_chunks=max_chunks,
-                                             instruction=instruction)
+    windowed = encode_windows(scorer.encoder, pairs, chunk_overlap=overlap, max_chunks=max_chunks,
+                              instruction=instruction)
     got = windowed.reduce(scorer.score(windowed.batch))
     expected, sequences = zip(*(ref.raw(q, d, overlap, max_chunks, instruction) for q, d in pairs))
     assert windowed.counts.tolist() == [len(s) for s in sequences]
@@ -225,7 +226,7 @@ def test_max_chunks_caps_the_windows(llm, name, max_length):
                            expect_counts=[2])
     # the document is longer than two windows: the cap, not its end, stopped them
     scorer, _ = llm(name, max_length)
-    assert scorer.encoder.encode_windows([(QUERY, " ".join([SENTENCES] * 6))], chunk_overlap=8).counts[0] > 2
+    assert encode_windows(scorer.encoder, [(QUERY, " ".join([SENTENCES] * 6))], chunk_overlap=8).counts[0] > 2
 
 
 @pytest.mark.parametrize("name,max_length", MODELS)
@@ -234,7 +235,7 @@ def test_a_fitting_pair_scores_as_with_truncation(llm, name, max_length):
     pairs = [(QUERY, SHORT_DOC), (QUERY, "")]
     _, got, _ = check(llm, name, max_length, pairs, expect_counts=[1, 1])
     batch = scorer.encoder.encode(pairs)
-    windowed = scorer.encoder.encode_windows(pairs)
+    windowed = encode_windows(scorer.encoder, pairs)
     assert not windowed.chunked.any()
     assert np.array_equal(windowed.batch.input_ids, batch.input_ids)
     assert np.abs(scorer.score(batch) - got).max() == 0
@@ -260,7 +261,7 @@ def test_a_chat_template_that_rewrites_the_document_is_a_clear_input_error(llm_d
         "<|im_start|>assistant\n")}
     assert encoder.encode([(QUERY, LONG_DOC)]).lengths.tolist() == [176]  # truncation still works
     with pytest.raises(InputError, match="cannot locate the document"):
-        encoder.encode_windows([(QUERY, LONG_DOC)])
+        encode_windows(encoder, [(QUERY, LONG_DOC)])
 
 
 @pytest.mark.parametrize("name,max_length", MODELS)
@@ -274,7 +275,7 @@ def test_the_fit_boundary(llm, name, max_length):
         k += 1
     assert exact, "no document of exactly max_length tokens"
     pairs = [(QUERY, LONG_DOC[:exact[-1]]), (QUERY, LONG_DOC[:k])]
-    windowed = scorer.encoder.encode_windows(pairs)
+    windowed = encode_windows(scorer.encoder, pairs)
     assert windowed.chunked.tolist() == [False, True]
     assert windowed.batch.sequence(0).tolist() == scorer.encoder.encode(pairs[:1]).sequence(0).tolist()
     assert len(windowed.batch.sequence(0)) == max_length
