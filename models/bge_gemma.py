@@ -16,13 +16,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep, pad_token_id
+from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep
 from .common import load_config, position_limit, resolve_max_length
 from .encoded import EncodedBatch
 from .encoding import check_items
 from .errors import InputTooLongError, ModelLoadError
 from .families import Family
-from .scoring import Scorer
 from .tokenization import load_tokenizer
 
 NAME = "bge_gemma"
@@ -124,17 +123,15 @@ def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = Non
     return _encoder(model_id, model_dir, load_config(model_id, model_dir), max_length)
 
 
-class BgeGemmaScorer(CausalLMScorer, Scorer):
-    def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
-                 token_budget: int | None, execution: str = "auto"):
+class BgeGemmaScorer(CausalLMScorer):
+    def __init__(self, model_id: str, model_dir: Path, *, max_length: int | None, **kw):
         config = load_config(model_id, model_dir)
         encoder = _encoder(model_id, model_dir, config, max_length)
-        super().__init__(family=NAME, model_id=model_id, encoder=encoder, dtype=dtype, device=device,
-                         token_budget=token_budget, pad_id=pad_token_id(encoder.tokenizer, config), execution=execution)
         yes = encoder.tokenizer.encode("Yes", add_special_tokens=False)
         if not yes:
             raise ModelLoadError(model_id, "the tokenizer encodes 'Yes' to nothing")
-        self.load_causal_lm(model_id, model_dir, config, [yes[0]])  # FlagEmbedding's yes_loc: the first token
+        # FlagEmbedding's yes_loc: the first token of "Yes".
+        super().__init__(NAME, model_id, model_dir, config, encoder, [yes[0]], **kw)
 
     def combine(self, logits):
         return logits[:, 0]

@@ -16,6 +16,7 @@ from tokenizers import Encoding
 from .encoded import EncodedBatch
 from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
 from .errors import ModelLoadError
+from .scoring import Scorer
 
 
 def read_weight_rows(model_id: str, model_dir: Path, name: str, rows: list[int]) -> torch.Tensor:
@@ -170,17 +171,20 @@ class PiecesEncoder(Encoder):
         return self._assemble(q_enc, d_enc, truncate, direction, instruction)
 
 
-class CausalLMScorer:
-    """Mixin body of the causal-LM reranker scorers: the headless base model (the vocabulary projection is never
-    materialised), the logits of the score tokens at the last token, packed where the base model runs packed.
-    A family subclasses it with Scorer and implements `combine(logits [N, k]) -> raw scores [N]`."""
+class CausalLMScorer(Scorer):
+    """The causal-LM reranker scorers: the headless base model (the vocabulary projection is never materialised),
+    the logits of the score tokens at the last token, packed where the base model runs packed. A family passes
+    its encoder and score tokens and implements `combine(logits [N, k]) -> raw scores [N]`."""
 
-    def load_causal_lm(self, model_id: str, weights_dir: Path, config, token_ids: Sequence[int]) -> None:
+    def __init__(self, family: str, model_id: str, weights_dir: Path, config, encoder, token_ids: Sequence[int], *,
+                 dtype: str, device: str, token_budget: int | None, execution: str = "auto"):
         from transformers import AutoModel
 
         from .common import from_pretrained, torch_dtype
         from .packing import packed_position_offset
 
+        super().__init__(family=family, model_id=model_id, encoder=encoder, dtype=dtype, device=device,
+                         token_budget=token_budget, pad_id=pad_token_id(encoder.tokenizer, config), execution=execution)
         model = from_pretrained(model_id, AutoModel, weights_dir, quiet_unexpected=True, config=config,
                                 dtype=torch_dtype(self.dtype))
         self.model = model.to(self.device).eval()

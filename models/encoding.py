@@ -149,8 +149,9 @@ class Encoder:
         return tok.decode(ids[:query_tokens], skip_special_tokens=False) if len(ids) > query_tokens else query
 
     def plain_tokenizer(self) -> Tokenizer:
-        """A copy of the Rust tokenizer that never truncates (made on first use; only chunking needs it)."""
-        tok = getattr(self, "_plain", None)
+        """A copy of the Rust tokenizer that never truncates: the encoder's own `_full` where it keeps one, else
+        made on first use (only chunking needs it)."""
+        tok = getattr(self, "_full", None) or getattr(self, "_plain", None)
         if tok is None:
             tok = self._plain = backend_copy(self.tokenizer.backend_tokenizer, None)
         return tok

@@ -15,13 +15,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep, pad_token_id
+from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep
 from .common import load_config, position_limit, resolve_max_length
 from .encoded import EncodedBatch
 from .encoding import check_items
 from .errors import InputTooLongError, ModelLoadError
 from .families import Family
-from .scoring import Scorer
 from .tokenization import load_tokenizer
 
 NAME = "mxbai"
@@ -118,14 +117,11 @@ def one_zero_ids(model_id: str, tokenizer) -> list[int]:
     return [ids[0][0], ids[1][0]]
 
 
-class MxbaiScorer(CausalLMScorer, Scorer):
-    def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
-                 token_budget: int | None, execution: str = "auto"):
+class MxbaiScorer(CausalLMScorer):
+    def __init__(self, model_id: str, model_dir: Path, *, max_length: int | None, **kw):
         config = load_config(model_id, model_dir)
         encoder = _encoder(model_id, model_dir, config, max_length)
-        super().__init__(family=NAME, model_id=model_id, encoder=encoder, dtype=dtype, device=device,
-                         token_budget=token_budget, pad_id=pad_token_id(encoder.tokenizer, config), execution=execution)
-        self.load_causal_lm(model_id, model_dir, config, one_zero_ids(model_id, encoder.tokenizer))
+        super().__init__(NAME, model_id, model_dir, config, encoder, one_zero_ids(model_id, encoder.tokenizer), **kw)
 
     def combine(self, logits):
         return logits[:, 0] - logits[:, 1]  # logit("1") - logit("0")

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .causal import CausalLMScorer, pad_token_id
+from .causal import CausalLMScorer, cut_texts
 from .common import load_config, position_limit, resolve_max_length
 from .encoded import EncodedBatch
 from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
 from .errors import InputTooLongError, ModelLoadError
 from .families import Family
-from .scoring import Scorer
 from .tokenization import load_tokenizer
 
 # The official recipe (Qwen/Qwen3-Reranker-* model cards).
@@ -60,7 +59,7 @@ class Qwen3Encoder(Encoder):
             queries.append(query)
             docs.append(doc)
         if max_tokens_per_doc is not None:
-            docs = self._cut_docs(docs, max_tokens_per_doc, direction)
+            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
         contents = [format_content(instruction, q, d) for q, d in zip(queries, docs)]
         tok = self._cut[direction] if truncate else self._full
         # add_special_tokens as the recipe's tokenizer call (Qwen adds none).
@@ -75,27 +74,14 @@ class Qwen3Encoder(Encoder):
             ids.append(self.prefix_ids + e.ids + self.suffix_ids)
         return EncodedBatch.from_lists(ids)
 
-    def _cut_docs(self, docs: list[str], max_doc: int, direction: str) -> list[str]:
-        """Each document cut to its first (Right) or last (Left) `max_doc` tokens, at token character offsets:
-        the document is re-tokenized inside the template, so the cut is made on its text."""
-        out = []
-        for doc, enc in zip(docs, self._full.encode_batch(docs, add_special_tokens=False)):
-            if len(enc.ids) > max_doc:
-                doc = doc[:enc.offsets[max_doc - 1][1]] if direction == "right" else doc[enc.offsets[-max_doc][0]:]
-            out.append(doc)
-        return out
-
     def document_slot(self, query, query_tokens, instruction=None):
         """prefix + tokens of "<Instruct>: …\\n<Query>: {q}\\n<Document>: " as one piece | window | suffix (API.md 1.6),
         q decoded back from the query's first `query_tokens` tokens when it has more."""
         from .windows import DocumentSlot
 
-        tok = self.plain_tokenizer()
-        ids = tok.encode(query, add_special_tokens=False).ids
-        if len(ids) > query_tokens:
-            query = tok.decode(ids[:query_tokens], skip_special_tokens=False)
+        query = self.kept_query(query, query_tokens)
         instruction = self.default_instruction if instruction is None else instruction
-        piece = tok.encode(format_content(instruction, query, ""), add_special_tokens=False).ids
+        piece = self.plain_tokenizer().encode(format_content(instruction, query, ""), add_special_tokens=False).ids
         return DocumentSlot(self.prefix_ids + piece, list(self.suffix_ids))
 
 
@@ -118,14 +104,11 @@ def yes_no_ids(model_id: str, tokenizer) -> tuple[int, int]:
     return int(ids[0]), int(ids[1])
 
 
-class Qwen3Scorer(CausalLMScorer, Scorer):
-    def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
-                 token_budget: int | None, execution: str = "auto"):
+class Qwen3Scorer(CausalLMScorer):
+    def __init__(self, model_id: str, model_dir: Path, *, max_length: int | None, **kw):
         config = load_config(model_id, model_dir)
         encoder = _encoder(model_id, model_dir, config, max_length)
-        super().__init__(family="qwen3", model_id=model_id, encoder=encoder, dtype=dtype, device=device,
-                         token_budget=token_budget, pad_id=pad_token_id(encoder.tokenizer, config), execution=execution)
-        self.load_causal_lm(model_id, model_dir, config, yes_no_ids(model_id, encoder.tokenizer))
+        super().__init__("qwen3", model_id, model_dir, config, encoder, yes_no_ids(model_id, encoder.tokenizer), **kw)
 
     def combine(self, logits):
         return logits[:, 0] - logits[:, 1]  # logit("yes") - logit("no")

@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .causal import CausalLMScorer, cut_texts, pad_token_id
+from .causal import CausalLMScorer, cut_texts
 from .common import load_config, position_limit, read_json, resolve_max_length
 from .encoded import EncodedBatch
 from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
 from .errors import InputError, InputTooLongError, ModelLoadError
 from .families import Family
-from .scoring import Scorer
 from .tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -232,16 +231,13 @@ def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = Non
     return _encoder(model_id, spec, load_config(model_id, spec.backbone_dir), max_length)
 
 
-class StCausalScorer(CausalLMScorer, Scorer):
-    def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
-                 token_budget: int | None, execution: str = "auto"):
+class StCausalScorer(CausalLMScorer):
+    def __init__(self, model_id: str, model_dir: Path, *, max_length: int | None, **kw):
         spec = Spec(model_id, model_dir)
         config = load_config(model_id, spec.backbone_dir)
         encoder = _encoder(model_id, spec, config, max_length)
-        super().__init__(family=NAME, model_id=model_id, encoder=encoder, dtype=dtype, device=device,
-                         token_budget=token_budget, pad_id=pad_token_id(encoder.tokenizer, config), execution=execution)
         ids = [spec.true_id] + ([spec.false_id] if spec.false_id is not None else [])
-        self.load_causal_lm(model_id, spec.backbone_dir, config, ids)
+        super().__init__(NAME, model_id, spec.backbone_dir, config, encoder, ids, **kw)
 
     def combine(self, logits):
         return logits[:, 0] - logits[:, 1] if logits.shape[1] == 2 else logits[:, 0]
