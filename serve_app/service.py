@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import time
+from functools import partial
 from typing import Any, Awaitable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -150,10 +151,8 @@ class RerankService:
         is several sequences of the one batch (its windows), scored and fanned out like any others; its score is
         the max over them, and every window's tokens count."""
         if (long_documents or model.long_documents) == "chunk":
-            encoder = self.encoders[model.name]
-            windowed = await self._in_thread(
-                lambda its, **kw: encode_windows(encoder, its, **kw), items, field,
-                chunk_overlap=model.chunk_overlap, max_chunks=model.max_chunks, **kwargs)
+            windowed = await self._in_thread(partial(encode_windows, self.encoders[model.name]), items, field,
+                                             chunk_overlap=model.chunk_overlap, max_chunks=model.max_chunks, **kwargs)
             return windowed.reduce(await self.score(model, windowed.batch)), windowed.num_tokens
         batch = await self.encode(model, items, field, **kwargs)
         return await self.score(model, batch), batch.num_tokens
