@@ -14,7 +14,7 @@ import torch
 from tokenizers import Encoding
 
 from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from .encoding import Encoder, backend_copy
 from .errors import ModelLoadError
 from .scoring import Scorer
 
@@ -98,17 +98,6 @@ def pad_token_id(tokenizer, config=None) -> int:
     return 0
 
 
-def cut_texts(backend, texts: list[str], max_tokens: int, direction: str) -> list[str]:
-    """Each text cut to its first (right) or last (left) `max_tokens` tokens, at token character offsets: for
-    templates that re-tokenize the text inside a prompt, the cut must be made on the text."""
-    out = []
-    for text, enc in zip(texts, backend.encode_batch(texts, add_special_tokens=False)):
-        if len(enc.ids) > max_tokens:
-            text = text[:enc.offsets[max_tokens - 1][1]] if direction == "right" else text[enc.offsets[-max_tokens][0]:]
-        out.append(text)
-    return out
-
-
 def keep(ids: list[int], n: int, direction: str) -> list[int]:
     """The first (right) or last (left) `n` of a piece's tokens, as the tokenizer's `truncation_side` cuts."""
     if len(ids) <= n:
@@ -157,15 +146,8 @@ class PiecesEncoder(Encoder):
         return self._encode(items, True, direction, instruction, max_tokens_per_doc)
 
     def _encode(self, items, truncate, direction, instruction, max_tokens_per_doc):
-        direction = parse_direction(direction)
-        check_max_tokens_per_doc(max_tokens_per_doc)
-        check_items(self, items, instruction)
-        queries, docs = [], []
-        for query, doc in items:
-            queries.append(self.query_text(query, instruction))
-            docs.append(doc)
-        if max_tokens_per_doc is not None:
-            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
+        direction, queries, docs = self.prompt_pairs(items, direction, instruction, max_tokens_per_doc)
+        queries = [self.query_text(q, instruction) for q in queries]
         q_enc = self._full.encode_batch(queries, add_special_tokens=False)
         d_enc = self._full.encode_batch([self.doc_text(d) for d in docs], add_special_tokens=False)
         return self._assemble(q_enc, d_enc, truncate, direction, instruction)

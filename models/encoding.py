@@ -56,6 +56,17 @@ def check_text(value, index: int, what: str) -> None:
         raise InputError(f"item {index}: {what} must be a string, got {type(value).__name__}", index=index)
 
 
+def cut_texts(backend, texts: list[str], max_tokens: int, direction: str) -> list[str]:
+    """Each text cut to its first (right) or last (left) `max_tokens` tokens, at token character offsets: for
+    templates that re-tokenize the text inside a prompt, the cut must be made on the text."""
+    out = []
+    for text, enc in zip(texts, backend.encode_batch(texts, add_special_tokens=False)):
+        if len(enc.ids) > max_tokens:
+            text = text[:enc.offsets[max_tokens - 1][1]] if direction == "right" else text[enc.offsets[-max_tokens][0]:]
+        out.append(text)
+    return out
+
+
 # The families whose encoders take an `instruction` (`accepts_instruction`), as users know them, for the message
 # that refuses one (tests/models/test_encoding.py keeps this in step with the families' flags).
 INSTRUCTION_FAMILIES = {
@@ -140,6 +151,20 @@ class Encoder:
         shorter than `max_length` as uncut and asks `encode(truncate=False)` about the others)."""
         return self.encode(items, truncate=True, direction=direction, instruction=instruction,
                            max_tokens_per_doc=max_tokens_per_doc), None
+
+    def prompt_pairs(self, items: Sequence[Item], direction: str, instruction: str | None,
+                     max_tokens_per_doc: int | None) -> tuple[str, list[str], list[str]]:
+        """The common start of a prompt family's `encode` (the text is re-tokenized inside its template): the
+        request checked, then (direction, queries, documents), each document cut to `max_tokens_per_doc` on its
+        text (`self._full`: the encoder's never-truncating tokenizer)."""
+        direction = parse_direction(direction)
+        check_max_tokens_per_doc(max_tokens_per_doc)
+        check_items(self, items, instruction)
+        queries = [query for query, _ in items]
+        docs = [doc for _, doc in items]
+        if max_tokens_per_doc is not None:
+            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
+        return direction, queries, docs
 
     def kept_query(self, query: str, query_tokens: int) -> str:
         """The query, decoded back from its first `query_tokens` tokens when it has more (API.md 1.6): for

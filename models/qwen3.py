@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .causal import CausalLMScorer, cut_texts
+from .causal import CausalLMScorer
 from .common import load_config, position_limit, resolve_max_length
 from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from .encoding import Encoder, backend_copy
 from .errors import InputTooLongError, ModelLoadError
 from .families import Family
 from .tokenization import load_tokenizer
@@ -46,20 +46,12 @@ class Qwen3Encoder(Encoder):
                      if self.content_budget >= 1 else None)
 
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
-        direction = parse_direction(direction)
-        check_max_tokens_per_doc(max_tokens_per_doc)
+        direction, queries, docs = self.prompt_pairs(items, direction, instruction, max_tokens_per_doc)
         if self._cut is None:
             raise InputTooLongError(
                 f"the prompt prefix and suffix alone take {len(self.prefix_ids) + len(self.suffix_ids)} tokens, "
                 f"not fewer than the max input length {self.max_length}; raise max_length")
-        check_items(self, items, instruction)
         instruction = self.default_instruction if instruction is None else instruction
-        queries, docs = [], []
-        for query, doc in items:
-            queries.append(query)
-            docs.append(doc)
-        if max_tokens_per_doc is not None:
-            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
         contents = [format_content(instruction, q, d) for q, d in zip(queries, docs)]
         tok = self._cut[direction] if truncate else self._full
         # add_special_tokens as the recipe's tokenizer call (Qwen adds none).

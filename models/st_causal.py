@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .causal import CausalLMScorer, cut_texts
+from .causal import CausalLMScorer
 from .common import load_config, position_limit, read_json, resolve_max_length
 from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from .encoding import Encoder, backend_copy, check_items
 from .errors import InputError, InputTooLongError, ModelLoadError
 from .families import Family
 from .tokenization import load_tokenizer
@@ -164,16 +164,8 @@ class StCausalEncoder(Encoder):
         return suffix
 
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
-        direction = parse_direction(direction)
-        check_max_tokens_per_doc(max_tokens_per_doc)
-        check_items(self, items, instruction)
+        direction, queries, docs = self.prompt_pairs(items, direction, instruction, max_tokens_per_doc)
         prompt = self.default_instruction if instruction is None else instruction
-        queries, docs = [], []
-        for query, doc in items:
-            queries.append(query)
-            docs.append(doc)
-        if max_tokens_per_doc is not None:
-            docs = cut_texts(self._full, docs, max_tokens_per_doc, direction)
         try:
             texts = self._render([self._conversation(prompt, q, d) for q, d in zip(queries, docs)])
         except Exception as e:  # a template that raises on this input (e.g. its own checks)
