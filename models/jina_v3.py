@@ -136,6 +136,8 @@ class JinaEncoder(Encoder):
         check_max_tokens_per_doc(max_tokens_per_doc)
         check_items(self, items, instruction)
         items = list(items)
+        if not items:
+            return EncodedBatch.from_lists([], groups=[], outputs=[])
         if one_list and any(q != items[0][0] for q, _ in items):
             raise InputError("one list of documents needs one query")
         doc_limit = MAX_DOC_TOKENS if max_tokens_per_doc is None else min(MAX_DOC_TOKENS, max_tokens_per_doc)
@@ -144,12 +146,13 @@ class JinaEncoder(Encoder):
         docs = self._cut([d for _, d in items], doc_limit, direction, "document",
                          refuse_over=MAX_DOC_TOKENS if refuse_docs else None)
         lists = [list(range(len(items)))] if one_list else [[i] for i in range(len(items))]
-        first_items = [members[0] for members in lists]
-        distinct = list(dict.fromkeys(items[i][0] for i in first_items))
+        first_item: dict[str, int] = {}  # each distinct query, cut once: {query: the first item that has it}
+        for members in lists:
+            first_item.setdefault(items[members[0]][0], members[0])
+        distinct = list(first_item)
         cut_queries = dict(zip(distinct, self._cut(distinct, MAX_QUERY_TOKENS, direction, "query",
                                                    refuse_over=None if truncate else MAX_QUERY_TOKENS,
-                                                   index_of=[next(i for i in first_items if items[i][0] == q)
-                                                             for q in distinct])))
+                                                   index_of=list(first_item.values()))))
         extra = without_markers(instruction) if instruction else None
         prompts, groups, outputs = [], [], []
         for group, members in enumerate(lists):

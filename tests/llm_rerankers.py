@@ -197,22 +197,20 @@ JINA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</th
 
 def build_jina_v3(path: str | os.PathLike, *, seed: int = 41, model_max_length: int = 131072,
                   remote_code_trap: bool = True) -> Path:
-    """jina-reranker-v3's layout: config.json with architectures ["JinaForRanking"] (model_type qwen3, an auto_map to
-    the repository's modeling.py), ONE model.safetensors holding the Qwen3 backbone as `model.*` and the projector
-    `projector.0.weight` [H/2, H], `projector.2.weight` [P, H/2] (no lm_head: the model's is the identity), and a
-    ChatML tokenizer whose added tokens include the two markers.
+    """jina-reranker-v3's layout (benchmarks.build.save_jina_reranker): config.json with architectures
+    ["JinaForRanking"] (model_type qwen3, an auto_map to the repository's modeling.py), ONE model.safetensors holding
+    the Qwen3 backbone as `model.*` and the projector `projector.0.weight` [H/2, H], `projector.2.weight` [P, H/2]
+    (no lm_head: the model's is the identity), and a ChatML tokenizer whose added tokens include the two markers.
+    131072 positions, as the real config.
 
     remote_code_trap: the modeling.py written next to it raises on import, so a loader that ran the repository's
     code would fail."""
-    import json
-
-    from safetensors.torch import save_file
     from transformers import Qwen3Config, Qwen3Model
 
+    from benchmarks.build import save_jina_reranker
     from models.jina_v3 import DOC_MARKER, QUERY_MARKER, SUFFIX, SYSTEM, block_prompt
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     fixed = block_prompt("query", ["passage"], "instruct") + SYSTEM + SUFFIX
     tok = _bpe_tokenizer([fixed, "I will provide you with passages, each indicated by a numerical identifier."],
                          JINA_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -223,17 +221,7 @@ def build_jina_v3(path: str | os.PathLike, *, seed: int = 41, model_max_length: 
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=131072,
                       tie_word_embeddings=True, initializer_range=INIT, bos_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id, use_cache=False)
-    backbone = Qwen3Model(cfg)
-    tensors = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
-    tensors["projector.0.weight"] = torch.randn(16, 32) * 0.3
-    tensors["projector.2.weight"] = torch.randn(12, 16) * 0.3
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    config = cfg.to_dict()
-    config.update(architectures=["JinaForRanking"], auto_map={"AutoModel": "modeling.JinaForRanking"})
-    for key in ("id2label", "label2id"):
-        config.pop(key, None)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    tok.save_pretrained(path)
+    save_jina_reranker(Qwen3Model(cfg), (torch.randn(16, 32) * 0.3, torch.randn(12, 16) * 0.3), tok, path)
     if remote_code_trap:
         (path / "modeling.py").write_text('raise RuntimeError("the repository\'s own code must never run")\n')
     return path

@@ -286,3 +286,8 @@ def test_packed_default_budget_takes_a_whole_block(jina_dir):
     assert padded.token_budget == 4096
     assert load_scorer(str(jina_dir), dtype="float32", device="cpu", execution="packed",
                        token_budget=1000).token_budget == 1000
+
+
+def test_no_items_is_an_empty_batch(scorers):
+    batch = scorers().encoder.encode([], one_list=True)
+    assert len(batch) == 0 and batch.num_scores == 0 and scorers().score(batch).shape == (0,)
