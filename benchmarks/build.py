@@ -157,7 +157,8 @@ def build_jina(path: Path, seed: int = 0, layers: int | None = None) -> Path:
     shape = {**JINA_V3_06B, **({"num_hidden_layers": layers} if layers else {})}
     cfg = Qwen3Config(**shape, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     hidden = cfg.hidden_size
-    projector = (torch.randn(hidden // 2, hidden) * hidden ** -0.5, torch.randn(512, hidden // 2) * (hidden // 2) ** -0.5)
+    projector = (torch.randn(hidden // 2, hidden) * hidden ** -0.5,
+                 torch.randn(512, hidden // 2) * (hidden // 2) ** -0.5)
     return save_jina_reranker(Qwen3Model(cfg).to(torch.bfloat16), projector, tok, path)
 
 

@@ -177,7 +177,11 @@ class JinaEncoder(Encoder):
         """Each text cut to `limit` tokens, decoded back when it reaches the limit (the reference's `>=`); a text
         over `refuse_over` tokens is a 422 (truncate: false)."""
         out = []
-        for k, (text, enc) in enumerate(zip(texts, self._full.encode_batch(texts, add_special_tokens=False))):
+        try:
+            encodings = self._full.encode_batch(texts, add_special_tokens=False)
+        except Exception as e:  # noqa: BLE001 - a tokenizer failure on user text is the request's
+            raise InputError(f"cannot tokenize the {what}: {e}") from e
+        for k, (text, enc) in enumerate(zip(texts, encodings)):
             ids = enc.ids
             if refuse_over is not None and len(ids) > refuse_over:
                 index = k if index_of is None else index_of[k]
@@ -252,7 +256,6 @@ class JinaScorer(Scorer):
 
     def __init__(self, model_id: str, model_dir: Path, *, dtype: str, device: str, max_length: int | None,
                  token_budget: int | None, execution: str = "auto"):
-        import torch
         from transformers import AutoModel
 
         from .causal import pad_token_id
@@ -269,7 +272,7 @@ class JinaScorer(Scorer):
         model = from_pretrained(model_id, AutoModel, model_dir, quiet_unexpected=True, config=config,
                                 dtype=torch_dtype(dtype), trust_remote_code=False)
         self.model = model.to(device).eval()
-        self.w1, self.w2 = self._projector(model_id, model_dir, config.hidden_size, torch)
+        self.w1, self.w2 = self._projector(model_id, model_dir, config.hidden_size)
         self.num_parameters = (sum(p.numel() for p in self.model.parameters()) + self.w1.numel() + self.w2.numel())
         offset = packed_position_offset(config)
         self._packable = offset is not None
@@ -280,7 +283,7 @@ class JinaScorer(Scorer):
             # default budget takes one whole, so the longest blocks batch with others instead of running alone.
             self.token_budget = max(self.token_budget, self.max_block_tokens())
 
-    def _projector(self, model_id: str, model_dir: Path, hidden: int, torch):
+    def _projector(self, model_id: str, model_dir: Path, hidden: int):
         tensors = read_tensors(model_id, model_dir, "projector.")
         if set(tensors) != set(PROJECTOR):
             raise ModelLoadError(model_id, f"expected the projector weights {list(PROJECTOR)} (no biases), found "
@@ -339,24 +342,27 @@ class JinaScorer(Scorer):
         if self.execution == "packed":
             from .packing import pack
 
-            inputs = pack(chunk, position_offset=self.position_offset).to(self.device)
-            hidden = self.model(**inputs.model_kwargs(), use_cache=False).last_hidden_state[0]
-            flat = chunk.input_ids
-            q_pos, d_pos = np.flatnonzero(flat == self.encoder.query_marker_id), \
-                np.flatnonzero(flat == self.encoder.doc_marker_id)
+            flat = chunk.input_ids  # select() starts the chunk at offset 0: the packed row's positions
+            q_pos = np.flatnonzero(flat == self.encoder.query_marker_id)
+            d_pos = np.flatnonzero(flat == self.encoder.doc_marker_id)
             _check_counts(np.searchsorted(chunk.offsets, q_pos, side="right") - 1,
                           np.searchsorted(chunk.offsets, d_pos, side="right") - 1, chunk)
-            at = lambda pos: hidden.index_select(0, torch.as_tensor(pos, device=self.device))  # noqa: E731
-            return at(q_pos), at(d_pos)
+            inputs = pack(chunk, position_offset=self.position_offset).to(self.device)
+            hidden = self.model(**inputs.model_kwargs(), use_cache=False).last_hidden_state[0]
+            return (hidden.index_select(0, torch.as_tensor(q_pos, device=self.device)),
+                    hidden.index_select(0, torch.as_tensor(d_pos, device=self.device)))
         from .scoring import pad_right
 
         ids, mask, _ = pad_right(chunk, np.arange(len(chunk)), self.pad_id, False)
-        hidden = self.model(input_ids=torch.from_numpy(ids).to(self.device),
-                            attention_mask=torch.from_numpy(mask).to(self.device), use_cache=False).last_hidden_state
         q_rows, q_cols = np.nonzero((ids == self.encoder.query_marker_id) & (mask == 1))
         d_rows, d_cols = np.nonzero((ids == self.encoder.doc_marker_id) & (mask == 1))
         _check_counts(q_rows, d_rows, chunk)
-        at = lambda r, c: hidden[torch.as_tensor(r, device=self.device), torch.as_tensor(c, device=self.device)]  # noqa: E731
+        hidden = self.model(input_ids=torch.from_numpy(ids).to(self.device),
+                            attention_mask=torch.from_numpy(mask).to(self.device), use_cache=False).last_hidden_state
+
+        def at(rows, cols):
+            return hidden[torch.as_tensor(rows, device=self.device), torch.as_tensor(cols, device=self.device)]
+
         return at(q_rows, q_cols), at(d_rows, d_cols)
 
 

@@ -291,3 +291,11 @@ def test_packed_default_budget_takes_a_whole_block(jina_dir):
 def test_no_items_is_an_empty_batch(scorers):
     batch = scorers().encoder.encode([], one_list=True)
     assert len(batch) == 0 and batch.num_scores == 0 and scorers().score(batch).shape == (0,)
+
+
+@pytest.mark.parametrize("execution", ["padded", "packed"])
+def test_a_batch_whose_markers_do_not_match_its_documents_is_refused(scorers, execution):
+    good = scorers().encoder.encode([(QUERY, DOCS[0]), (QUERY, DOCS[2])], one_list=True)
+    bad = EncodedBatch(good.input_ids, good.offsets, groups=good.groups, outputs=good.outputs + 1)
+    with pytest.raises(ValueError, match="markers"):
+        scorers(execution).score(bad)

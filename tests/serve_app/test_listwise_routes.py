@@ -6,7 +6,6 @@ each pair as a list of one, scores are cosines returned as they are (no sigmoid,
 and usage counts every block's prompt tokens."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
