@@ -3,6 +3,8 @@
 - ettin-17m / ettin-150m: modular Sentence-Transformers cross-encoders (ModernBertModel -> Pooling(cls) ->
   Dense(GELU) -> LayerNorm -> Dense(1, 'scores')), as cross-encoder/ettin-reranker-*-v1 ship them.
 - qwen3-0.6b: Qwen3ForCausalLM with Qwen3-Reranker-0.6B's shape, tied embeddings, no id2label.
+- jina-v3-0.6b (listwise, benchmarks/listwise.py): jina-reranker-v3's layout, a Qwen3 0.6B backbone as `model.*`
+  plus `projector.0` / `projector.2` (1024 -> 512 -> 512), architectures ["JinaForRanking"], the two marker tokens.
 
 Tokenizers are byte-level BPE trained here on a fixed list of made-up words until every word is ONE token, so
 a text of n words is n tokens and the workload's token counts (benchmarks/workload.py) are exact.
@@ -19,8 +21,10 @@ import torch
 from .workload import QWEN3_06B, ettin_config
 
 NUM_WORDS = 4000
-MODELS = ("ettin-17m", "ettin-150m", "qwen3-0.6b")
+MODELS = ("ettin-17m", "ettin-150m", "qwen3-0.6b")  # the pairwise harness (run.py)
+JINA = "jina-v3-0.6b"  # listwise: benchmarks/listwise.py only
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+JINA_MARKERS = ["<|embed_token|>", "<|rerank_token|>"]
 
 
 def words(n: int = NUM_WORDS, seed: int = 0) -> list[str]:
@@ -72,7 +76,7 @@ def modernbert_tokenizer(model_max_length: int = 512):
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length)
 
 
-def qwen_tokenizer():
+def qwen_tokenizer(extra_specials: tuple[str, ...] = (), extra_corpus: tuple[str, ...] = ()):
     """Qwen-style: byte-level BPE, no special tokens added, ChatML specials, 'yes'/'no' single tokens, left pad."""
     from transformers import PreTrainedTokenizerFast
 
@@ -80,12 +84,20 @@ def qwen_tokenizer():
 
     vocab_words = words()
     corpus = [" " + " ".join(vocab_words[i:i + 50]) for i in range(0, len(vocab_words), 50)]
-    corpus += ["yes", "no", PREFIX, SUFFIX, DEFAULT_INSTRUCTION, "<Instruct>: <Query>: <Document>:"]
-    tok = _train_bpe(corpus, QWEN_SPECIALS, add_prefix_space=False)
+    corpus += ["yes", "no", PREFIX, SUFFIX, DEFAULT_INSTRUCTION, "<Instruct>: <Query>: <Document>:", *extra_corpus]
+    specials = QWEN_SPECIALS + list(extra_specials)
+    tok = _train_bpe(corpus, specials, add_prefix_space=False)
     _check_one_token_per_word(tok, vocab_words)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=QWEN_SPECIALS[1:], model_max_length=131072,
+                                   additional_special_tokens=specials[1:], model_max_length=131072,
                                    padding_side="left")
+
+
+def jina_tokenizer():
+    """The Qwen-style benchmark tokenizer plus jina-reranker-v3's marker tokens and prompt words."""
+    from models.jina_v3 import block_prompt
+
+    return qwen_tokenizer(tuple(JINA_MARKERS), (block_prompt("query", ["passage"], "instruction"),))
 
 
 def build_ettin(path: Path, name: str, seed: int = 0) -> Path:
@@ -109,12 +121,13 @@ def build_ettin(path: Path, name: str, seed: int = 0) -> Path:
     return path
 
 
-def build_qwen3(path: Path, seed: int = 0) -> Path:
+def build_qwen3(path: Path, seed: int = 0, layers: int | None = None) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     tok = qwen_tokenizer()
-    cfg = Qwen3Config(**QWEN3_06B, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    shape = {**QWEN3_06B, **({"num_hidden_layers": layers} if layers else {})}
+    cfg = Qwen3Config(**shape, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     # bf16 on disk as the real checkpoint; loaders up-cast where they run fp32.
     return save_qwen3_reranker(Qwen3ForCausalLM(cfg).to(torch.bfloat16), tok, path)
@@ -133,17 +146,59 @@ def save_qwen3_reranker(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def build(name: str, root: Path) -> Path:
-    """The model directory of `name` under `root`, built once (reused when already complete)."""
-    path = Path(root) / name
+def build_jina(path: Path, seed: int = 0, layers: int | None = None) -> Path:
+    """jina-reranker-v3's shape (JINA_V3_06B: Qwen3-0.6B, vocab 151936, 131072 positions) and layout."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    from .workload import JINA_V3_06B
+
+    torch.manual_seed(seed)
+    tok = jina_tokenizer()
+    shape = {**JINA_V3_06B, **({"num_hidden_layers": layers} if layers else {})}
+    cfg = Qwen3Config(**shape, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    hidden = cfg.hidden_size
+    projector = (torch.randn(hidden // 2, hidden) * hidden ** -0.5,
+                 torch.randn(512, hidden // 2) * (hidden // 2) ** -0.5)
+    return save_jina_reranker(Qwen3Model(cfg).to(torch.bfloat16), projector, tok, path)
+
+
+def save_jina_reranker(backbone, projector, tokenizer, path: Path) -> Path:
+    """Save a Qwen3Model, the projector weights (w1 [H/2, H], w2 [P, H/2]) and the tokenizer in jina-reranker-v3's
+    layout: ONE model.safetensors of `model.*` + `projector.0.weight` + `projector.2.weight` (the model's lm_head is
+    the identity: no weights), config.json of the backbone with architectures ["JinaForRanking"] and an auto_map to
+    the repository's modeling.py. tests/llm_rerankers builds its tiny fixture with it too."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = next(backbone.parameters()).dtype
+    tensors = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    tensors["projector.0.weight"] = projector[0].to(dtype).contiguous()
+    tensors["projector.2.weight"] = projector[1].to(dtype).contiguous()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = backbone.config.to_dict()
+    config.update(architectures=["JinaForRanking"], auto_map={"AutoModel": "modeling.JinaForRanking"})
+    for key in ("id2label", "label2id"):
+        config.pop(key, None)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build(name: str, root: Path, layers: int | None = None) -> Path:
+    """The model directory of `name` under `root`, built once (reused when already complete). `layers`: a
+    shallower model of the same widths (quick runs; its own directory)."""
+    path = Path(root) / (f"{name}-L{layers}" if layers else name)
     marker = path / ".complete"
     if marker.exists():
         return path
-    if name in ("ettin-17m", "ettin-150m"):
+    if name in ("ettin-17m", "ettin-150m") and not layers:
         build_ettin(path, name)
     elif name == "qwen3-0.6b":
-        build_qwen3(path)
+        build_qwen3(path, layers=layers)
+    elif name == JINA:
+        build_jina(path, layers=layers)
     else:
-        raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS}")
+        raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS + (JINA,)}")
     marker.write_text("ok")
     return path

@@ -46,6 +46,8 @@ ETTIN = {
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151669, tie_word_embeddings=True,
                  max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6)
+# jina-reranker-v3's config.json: the same backbone, the full Qwen3 vocabulary, 131072 positions.
+JINA_V3_06B = {**QWEN3_06B, "vocab_size": 151936, "max_position_embeddings": 131072}
 
 
 def ettin_config(name: str, **overrides):

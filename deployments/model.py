@@ -16,7 +16,7 @@ import numpy as np
 from ray import serve
 
 from autoscaling import WorkTracker
-from models.cutting import scatter
+from models.cutting import plan_groups, scatter
 from models.encoded import EncodedBatch
 from models.errors import InputError
 from serve_app.resources import model_torch_threads, usable_cpus
@@ -69,7 +69,8 @@ class _Metrics:
         from ray.serve.metrics import Counter, Histogram
 
         tags = ("model",)
-        self.pairs = Counter("rerank_pairs_scored", description="Sequences scored.", tag_keys=tags)
+        self.pairs = Counter("rerank_pairs_scored", description="Sequences scored (of a listwise model: documents).",
+                             tag_keys=tags)
         self.tokens = Counter("rerank_tokens_scored", description="Tokens scored.", tag_keys=tags)
         self.fill = Histogram("rerank_batch_token_fill", description="Tokens of a forward batch / token budget.",
                               boundaries=[0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], tag_keys=tags)
@@ -140,10 +141,13 @@ class ModelReplica:
             if batch.num_tokens <= self.token_budget:
                 raw = await self._score_queued(batch, arrived)
             else:
-                chunks = self.scorer.chunks(batch.lengths)
+                # Listwise: whole lists only (a list's blocks are merged in one score call); a list over the
+                # budget then takes a forward of its own, as a single over-long sequence does.
+                chunks = (self.scorer.chunks(batch.lengths) if batch.groups is None
+                          else plan_groups(batch.lengths, batch.groups, self.token_budget))
                 parts = await asyncio.gather(*(self._score_queued(sub, arrived)
                                                for sub in split_by_chunks(batch, chunks)))
-                raw = scatter(chunks, parts, len(batch))
+                raw = scatter([batch.score_index(c) for c in chunks], parts, batch.num_scores)
         self.metrics.latency.observe(time.monotonic() - arrived)
         return raw
 
@@ -178,7 +182,7 @@ class ModelReplica:
             logger.warning("batch of %d requests failed (%r); scoring them one by one", len(works), exc)
             return [await self._forward_or_error(w.batch) for w in works]
         self.metrics.fill.observe(merged.num_tokens / self.token_budget)
-        bounds = np.cumsum([0] + [len(w.batch) for w in works])
+        bounds = np.cumsum([0] + [w.batch.num_scores for w in works])
         return [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     async def _forward_or_error(self, batch: EncodedBatch) -> np.ndarray | BaseException:
@@ -198,9 +202,10 @@ class ModelReplica:
             if self._fatal is None:
                 self._fatal = self._broken_by(exc)
             raise
-        if raw.shape != (len(batch),):
-            raise RuntimeError(f"scorer returned {raw.shape} scores for {len(batch)} sequences")
-        self.metrics.pairs.inc(len(batch))
+        if raw.shape != (batch.num_scores,):
+            raise RuntimeError(f"scorer returned {raw.shape} scores for {batch.num_scores} (of {len(batch)} "
+                               "sequences)")
+        self.metrics.pairs.inc(batch.num_scores)
         self.metrics.tokens.inc(batch.num_tokens)
         return raw
 

@@ -7,6 +7,10 @@ Two cuts, both over length-sorted sequences (similar lengths side by side: littl
   its budget as these chunks (Ray's batcher refuses an item over the budget), and `Scorer.score` runs one
   forward per chunk. Padded chunks count count × longest, packed chunks real tokens.
 Every cut is put back in input order by the one `scatter`.
+
+Listwise batches (models/encoded.py `groups`) are cut between groups only, never inside one: `plan_pieces` and
+`plan_groups` (the replica's split of a request) plan over whole groups; the forward chunks of `plan_chunks` may
+cut between a group's blocks, since the scorer merges a group only once all its blocks are through.
 """
 from __future__ import annotations
 
@@ -52,13 +56,19 @@ def plan_chunks(lengths: np.ndarray, token_budget: int, *, packed: bool) -> list
     return [order[part] for part in chunker(lengths[order], token_budget)]
 
 
-def plan_pieces(lengths: np.ndarray, *, piece_tokens: int, max_pieces: int) -> list[np.ndarray]:
+def plan_pieces(lengths: np.ndarray, *, piece_tokens: int, max_pieces: int,
+                groups: np.ndarray | None = None) -> list[np.ndarray]:
     """Index arrays of the fan-out pieces of one request, covering every sequence exactly once.
 
     Runs of about equal token counts, so the pieces take about equally long. There are
     `tokens // piece_tokens` pieces (at least 1, at most `max_pieces` and the number of sequences): a request
-    under two budgets goes whole, since a replica runs a budget at a time anyway.
+    under two budgets goes whole, since a replica runs a budget at a time anyway. With `groups` (listwise), the
+    same over whole groups: a group's sequences always share a piece.
     """
+    if groups is not None:
+        units = group_members(groups)
+        unit_pieces = plan_pieces(_unit_lengths(lengths, units), piece_tokens=piece_tokens, max_pieces=max_pieces)
+        return [_expand(units, piece) for piece in unit_pieces]
     lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
     total = int(lengths.sum())
@@ -70,6 +80,33 @@ def plan_pieces(lengths: np.ndarray, *, piece_tokens: int, max_pieces: int) -> l
     middles = np.cumsum(lengths[order]) - lengths[order] / 2
     cuts = np.searchsorted(middles, total * np.arange(1, count) / count, side="left")
     return [piece for piece in np.split(order, cuts) if len(piece)]
+
+
+def plan_groups(lengths: np.ndarray, groups: np.ndarray, token_budget: int) -> list[np.ndarray]:
+    """Index arrays of whole groups, length-sorted, each part within `token_budget` real tokens (a group larger
+    than the budget alone): how a model replica queues a listwise request too big for one batch."""
+    units = group_members(groups)
+    unit_lengths = _unit_lengths(lengths, units)
+    order = by_length(unit_lengths)
+    return [_expand(units, order[part]) for part in chunk_by_tokens(unit_lengths[order], token_budget)]
+
+
+def group_members(groups: np.ndarray) -> list[np.ndarray]:
+    """The sequence indices of each group, groups in order of first appearance, members in sequence order."""
+    groups = np.asarray(groups)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+    return [members[g] for g in np.argsort(first, kind="stable")]
+
+
+def _unit_lengths(lengths: np.ndarray, units: list[np.ndarray]) -> np.ndarray:
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.array([int(lengths[u].sum()) for u in units], dtype=np.int64)
+
+
+def _expand(units: list[np.ndarray], picked: np.ndarray) -> np.ndarray:
+    return np.concatenate([units[u] for u in picked]) if len(picked) else np.zeros(0, np.int64)
 
 
 def scatter(indices: list[np.ndarray], parts: list, n: int) -> np.ndarray:

@@ -2,6 +2,11 @@
 
 Flat int32 token ids plus int64 offsets (and int8 token types where the model uses them): a few numpy
 arrays pickle in microseconds, where nested Python lists of ints cost far more to ship between processes.
+
+Listwise families (models/jina_v3.py) add two per-sequence arrays: a sequence is then a block prompt of several
+documents (`outputs`: how many scores it yields), and the blocks of one list are scored together (`groups`: the
+list each belongs to). Every layer that cuts a batch keeps a group whole (models/cutting.py), and scores travel in
+sequence order, `outputs[i]` of them for sequence i (`score_index`).
 """
 from __future__ import annotations
 
@@ -17,9 +22,13 @@ class EncodedBatch:
     input_ids: np.ndarray  # int32, all sequences concatenated
     offsets: np.ndarray  # int64, len N+1; sequence i is input_ids[offsets[i]:offsets[i+1]]
     token_type_ids: np.ndarray | None = None  # int8, same length as input_ids, or None
+    # Listwise batches only (both set or both None): int64 [N] each.
+    groups: np.ndarray | None = None  # the list a sequence belongs to: sequences of one group are scored together
+    outputs: np.ndarray | None = None  # scores a sequence yields (its block's documents); None: one each
 
     @classmethod
-    def from_lists(cls, ids: Sequence[Sequence[int]], token_types: Sequence[Sequence[int]] | None = None):
+    def from_lists(cls, ids: Sequence[Sequence[int]], token_types: Sequence[Sequence[int]] | None = None, *,
+                   groups: Sequence[int] | None = None, outputs: Sequence[int] | None = None):
         """A batch from per-sequence id lists, filled straight from one flat iterator (no nested loops)."""
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
@@ -28,7 +37,11 @@ class EncodedBatch:
         flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
         types = None if token_types is None else np.fromiter(chain.from_iterable(token_types), dtype=np.int8,
                                                              count=total)
-        return cls(flat, offsets, types)
+        if (groups is None) != (outputs is None):
+            raise ValueError("a listwise batch needs both groups and outputs")
+        listwise = {} if groups is None else {"groups": np.asarray(groups, dtype=np.int64),
+                                              "outputs": np.asarray(outputs, dtype=np.int64)}
+        return cls(flat, offsets, types, **listwise)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -58,7 +71,8 @@ class EncodedBatch:
         np.cumsum(lengths, out=offsets[1:])
         gather = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(idx) else np.zeros(0, np.int64)
         types = self.token_type_ids[gather] if self.token_type_ids is not None else None
-        return EncodedBatch(self.input_ids[gather], offsets, types)
+        listwise = {} if self.groups is None else {"groups": self.groups[idx], "outputs": self.outputs[idx]}
+        return EncodedBatch(self.input_ids[gather], offsets, types, **listwise)
 
     @staticmethod
     def concat(batches: Sequence["EncodedBatch"]) -> "EncodedBatch":
@@ -74,4 +88,37 @@ class EncodedBatch:
             raise ValueError("cannot concatenate batches with and without token types")
         types = (np.concatenate([b.token_type_ids[b.offsets[0]:b.offsets[-1]] for b in batches])
                  if all(with_types) else None)
-        return EncodedBatch(ids, offsets, types)
+        return EncodedBatch(ids, offsets, types, **_concat_groups(batches))
+
+    # --- listwise batches: several scores per sequence, groups scored together ----------------------------------
+    @property
+    def num_scores(self) -> int:
+        """Scores the batch yields: one per sequence, or each block's documents in a listwise batch."""
+        return len(self) if self.outputs is None else int(self.outputs.sum())
+
+    def score_index(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Positions in this batch's scores of the scores of sequences `indices`, in that order: where the scores
+        of `self.select(indices)` go back to (for sequence-per-score batches, `indices` itself)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self.outputs is None:
+            return idx
+        starts = np.concatenate([[0], np.cumsum(self.outputs)[:-1]])[idx]
+        counts = self.outputs[idx]
+        return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+
+
+def _concat_groups(batches: Sequence[EncodedBatch]) -> dict:
+    """groups/outputs of concatenated listwise batches: each batch's groups renumbered past the previous ones', so
+    lists of different requests stay apart."""
+    listwise = [b.groups is not None for b in batches]
+    if not any(listwise):
+        return {}
+    if not all(listwise):
+        raise ValueError("cannot concatenate listwise batches with others")
+    groups, start = [], 0
+    for b in batches:
+        if len(b.groups):
+            groups.append(b.groups - b.groups.min() + start)
+            start = int(groups[-1].max()) + 1
+    return {"groups": np.concatenate(groups) if groups else np.zeros(0, np.int64),
+            "outputs": np.concatenate([b.outputs for b in batches])}

@@ -74,6 +74,7 @@ INSTRUCTION_FAMILIES = {
     "qwen3": "Qwen3-Reranker",
     "mxbai": "mxbai-rerank-v2",
     "bge_gemma": "bge-reranker-v2-gemma",
+    "jina_v3": "jina-reranker-v3",
 }
 
 
@@ -124,6 +125,10 @@ class Encoder:
     accepts_instruction: bool = False
     default_instruction: str | None = None
     exact_slots: bool = False
+    # Listwise families (models/jina_v3.py): `encode(..., one_list=True)` reads a rank request's documents as one
+    # list scored together, and the raw scores are final (cosines: the service applies no sigmoid).
+    listwise: bool = False
+    sigmoid_scores: bool = True
 
     def __init__(self, *, family: str, model_id: str, tokenizer, max_length: int, id2label: dict[int, str]):
         self.family, self.model_id, self.max_length, self.id2label = family, model_id, max_length, id2label

@@ -22,6 +22,7 @@ _MODULES = {
     "qwen3": "qwen3",  # config.json: Qwen3ForCausalLM (the official Qwen3-Reranker layout)
     "mxbai": "mxbai",  # Qwen2ForCausalLM named mxbai-rerank-*-v2 (Hub id, folder, Hub cache folder)
     "bge_gemma": "bge_gemma",  # GemmaForCausalLM named bge-reranker-v2-gemma
+    "jina_v3": "jina_v3",  # config.json: JinaForRanking (jina-reranker-v3, listwise)
 }
 FAMILIES: tuple[str, ...] = tuple(_MODULES)
 
@@ -33,6 +34,7 @@ class Family:
     load_encoder: Callable[..., Any]  # (model_id, model_dir, *, max_length) -> Encoder (tokenizer only)
     scorer: type  # Scorer subclass: (model_id, model_dir, *, dtype, device, max_length, token_budget, execution)
     supports: str  # what it serves, for the "unsupported model" message
+    listwise: bool = False  # scores a request's documents together (models/encoded.py groups); cannot chunk
 
 
 @dataclass

@@ -129,12 +129,17 @@ def check_model_source(model: ModelSettings) -> None:
     Only local directories are checked here (cheap: config files only). Hub models are fetched by the
     replicas, whose constructors fail the deploy with a ModelLoadError naming the model and the cause.
     """
-    from models import ModelLoadError, detect_family
+    from models import ModelLoadError, detect_family, families
 
     path = Path(model.model_id).expanduser()
     if path.is_dir():
         family = detect_family(path, model.model_id)
         logger.info("model %r: %s detected in %s", model.name, family, path)
+        family = family if model.family == "auto" else model.family
+        if model.long_documents == "chunk" and families.get(family).listwise:
+            raise ModelLoadError(model.model_id, f"model {model.name!r}: long_documents 'chunk' does not apply to "
+                                                 f"the listwise family {family!r} (its recipe cuts every document "
+                                                 "at 2048 tokens); use 'truncate'")
     elif is_local_path(model.model_id):
         raise ModelLoadError(model.model_id, f"model {model.name!r}: no such local directory {str(path)!r}")
 

@@ -157,6 +157,17 @@ class RerankService:
         batch = await self.encode(model, items, field, **kwargs)
         return await self.score(model, batch), batch.num_tokens
 
+    # --- listwise families (models/jina_v3.py): the documents of a request are one list, scored together -------
+    def _listwise(self, model: ModelSettings) -> bool:
+        return bool(getattr(self.encoders[model.name], "listwise", False))
+
+    def _activate(self, model: ModelSettings, raw: np.ndarray, raw_scores: bool = False) -> np.ndarray:
+        """What a route returns for raw scores: sigmoid(raw), or raw itself when asked for or when the family's raw
+        score is already final (a listwise cosine: never sigmoided, API.md section 2)."""
+        if raw_scores or not getattr(self.encoders[model.name], "sigmoid_scores", True):
+            return np.asarray(raw, dtype=np.float64)
+        return sigmoid(raw)
+
     async def score(self, model: ModelSettings, batch: EncodedBatch) -> np.ndarray:
         """Raw scores of `batch` from the model's deployment: one call, or for a request of several token
         budgets, up to `max_fanout` concurrent calls on length-sorted pieces (models/cutting.py)."""
@@ -174,13 +185,14 @@ class RerankService:
             # call (measured: 8 pieces a request took ~20% of the ingress CPU, benchmarks/README.md).
             # Two per replica keep replicas even when Ray's router sends two pieces to the same one.
             max_pieces = 1 if replicas <= 1 else min(max_pieces, 2 * replicas)
-        pieces = plan_pieces(batch.lengths, piece_tokens=piece_tokens, max_pieces=max_pieces)
+        # A listwise batch is cut between its lists only (its groups), never inside one.
+        pieces = plan_pieces(batch.lengths, piece_tokens=piece_tokens, max_pieces=max_pieces, groups=batch.groups)
         if len(pieces) == 1:
             parts = [await backend.score(batch)]
         else:
             parts = await _all_or_cancel([backend.score(batch.select(index)) for index in pieces])
         try:
-            raw = scatter(pieces, parts, len(batch))
+            raw = scatter([batch.score_index(index) for index in pieces], parts, batch.num_scores)
         except RuntimeError as e:
             raise RuntimeError(f"model {model.name!r}: {e}") from None
         logger.info("model=%s pairs=%d tokens=%d pieces=%d score_ms=%.1f", model.name, len(batch),
@@ -191,9 +203,11 @@ class RerankService:
                     truncate: bool | None = None, direction: str = "right", instruction: str | None = None,
                     max_tokens_per_doc: int | None = None, long_documents: str | None = None
                     ) -> tuple[np.ndarray, int]:
+        # A listwise encoder reads the documents of a rank request as ONE list (a /predict pair is a list of one).
+        one_list = {"one_list": True} if self._listwise(model) and long_documents != "chunk" else {}
         return await self.encode_and_score(model, [(query, t) for t in texts], field, long_documents=long_documents,
                                            truncate=truncate is not False, direction=direction,
-                                           instruction=instruction, max_tokens_per_doc=max_tokens_per_doc)
+                                           instruction=instruction, max_tokens_per_doc=max_tokens_per_doc, **one_list)
 
     # ----------------------------------------------------------------------------------------- routes
     async def rerank(self, req: RerankRequest) -> RerankResponse:
@@ -205,7 +219,7 @@ class RerankService:
         raw, _ = await self._rank(model, req.query, req.texts, "texts", truncate=req.truncate,
                                   direction=req.truncation_direction, instruction=req.instruction,
                                   long_documents=req.long_documents)
-        scores = raw.astype(np.float64) if req.raw_scores else sigmoid(raw)
+        scores = self._activate(model, raw, req.raw_scores)
         out: RerankResponse = []
         for i in rank_order(scores, req.top_n):
             item: RerankResult = {"index": int(i), "score": _json_float(scores[i])}
@@ -224,7 +238,7 @@ class RerankService:
         raw, num_tokens = await self._rank(model, req.query, texts, "documents", instruction=req.instruction,
                                            max_tokens_per_doc=req.max_tokens_per_doc,
                                            long_documents=req.long_documents)
-        scores = sigmoid(raw)
+        scores = self._activate(model, raw)
         results: list[CohereResult] = []
         for i in rank_order(scores, req.top_n):
             item: CohereResult = {"index": int(i), "relevance_score": _json_float(scores[i])}
@@ -244,7 +258,7 @@ class RerankService:
         raw, _ = await self.encode_and_score(model, items, "inputs", long_documents=req.long_documents,
                                              truncate=req.truncate is not False,
                                              direction=req.truncation_direction, instruction=req.instruction)
-        scores = raw.astype(np.float64) if req.raw_scores else sigmoid(raw)
+        scores = self._activate(model, raw, req.raw_scores)
         label = (encoder.id2label or {}).get(0, "LABEL_0")
         per_input: list[list[PredictScore]] = [[{"score": _json_float(s), "label": label}] for s in scores]
         return per_input if is_batch else per_input[0]
@@ -294,6 +308,7 @@ class RerankService:
             "accepts_single_text": encoder.accepts_single,
             "accepts_instruction": encoder.accepts_instruction,
             "default_instruction": encoder.default_instruction,
+            "listwise": bool(getattr(encoder, "listwise", False)),  # a request's documents are scored together
             "long_documents": model.long_documents,
             "chunk_overlap": model.chunk_overlap,
             "max_chunks": model.max_chunks,

@@ -189,3 +189,39 @@ def _build_st_causal_gemma2(path: Path, seed: int) -> Path:
     CrossEncoder(modules=[transformer, LogitScore(true_token_id=yes, false_token_id=no)]).save(str(path))
     shutil.rmtree(base)
     return path
+
+
+JINA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|embed_token|>",
+                 "<|rerank_token|>"]
+
+
+def build_jina_v3(path: str | os.PathLike, *, seed: int = 41, model_max_length: int = 131072,
+                  remote_code_trap: bool = True) -> Path:
+    """jina-reranker-v3's layout (benchmarks.build.save_jina_reranker): config.json with architectures
+    ["JinaForRanking"] (model_type qwen3, an auto_map to the repository's modeling.py), ONE model.safetensors holding
+    the Qwen3 backbone as `model.*` and the projector `projector.0.weight` [H/2, H], `projector.2.weight` [P, H/2]
+    (no lm_head: the model's is the identity), and a ChatML tokenizer whose added tokens include the two markers.
+    131072 positions, as the real config.
+
+    remote_code_trap: the modeling.py written next to it raises on import, so a loader that ran the repository's
+    code would fail."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    from benchmarks.build import save_jina_reranker
+    from models.jina_v3 import DOC_MARKER, QUERY_MARKER, SUFFIX, SYSTEM, block_prompt
+
+    path = Path(path)
+    fixed = block_prompt("query", ["passage"], "instruct") + SYSTEM + SUFFIX
+    tok = _bpe_tokenizer([fixed, "I will provide you with passages, each indicated by a numerical identifier."],
+                         JINA_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=JINA_SPECIALS[1:], model_max_length=model_max_length)
+    assert len(tok.tokenize(DOC_MARKER)) == 1 and len(tok.tokenize(QUERY_MARKER)) == 1
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=131072,
+                      tie_word_embeddings=True, initializer_range=INIT, bos_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, use_cache=False)
+    save_jina_reranker(Qwen3Model(cfg), (torch.randn(16, 32) * 0.3, torch.randn(12, 16) * 0.3), tok, path)
+    if remote_code_trap:
+        (path / "modeling.py").write_text('raise RuntimeError("the repository\'s own code must never run")\n')
+    return path
