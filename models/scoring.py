@@ -162,11 +162,10 @@ class Scorer:
         from . import attention
 
         for model in self._attention_modules():
-            current = model.config._attn_implementation
-            if self.execution == "packed" and current != attention.PACKED:
-                model.set_attn_implementation(attention.register())
-            elif self.execution == "padded" and current == attention.PACKED:
-                model.set_attn_implementation("sdpa")
+            if self.execution == "packed":
+                attention.use(model, packed=True)
+            elif model.config._attn_implementation == attention.PACKED:
+                attention.use(model, packed=False)
         return self.execution
 
     def score(self, batch: EncodedBatch) -> np.ndarray:
