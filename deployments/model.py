@@ -227,7 +227,8 @@ class ModelReplica:
     def describe(self) -> dict[str, Any]:
         """What /info reports about the loaded model."""
         return {"family": self.scorer.family, "dtype": _dtype_name(self.scorer.dtype),
-                "device": str(self.scorer.device), "max_length": self.scorer.max_length,
+                "device": str(self.scorer.device), "execution": self.scorer.execution,
+                "max_length": self.scorer.max_length,
                 "token_budget": self.token_budget, "num_parameters": int(self.scorer.num_parameters),
                 "load_time_s": round(self.load_time_s, 3),
                 "torch_threads": self.torch_threads, "torch_threads_from": self.threads_from,

@@ -6,8 +6,9 @@ the raw scores back to input order. A chunk runs one of two ways (`Scorer.execut
   A family implements `_forward_padded`.
 - "packed": one row of real tokens with per-pair boundaries (models/packing.py), attention "packed"
   (models/attention.py); the budget counts real tokens. A family that supports it implements `_forward_packed`.
-"auto" picks packed on CUDA in fp16/bf16 when the model supports it (varlen kernels), padded otherwise: on this
-CPU, length-sorted padded chunks of 4096 tokens were measured as fast as packed (benchmarks/cpu_packing.py).
+"auto" picks packed on CUDA of compute capability >= 8.0 in fp16/bf16 when the model supports it (varlen kernels),
+padded otherwise: on this CPU, length-sorted padded chunks of 4096 tokens were measured as fast as packed
+(benchmarks/cpu_packing.py).
 """
 from __future__ import annotations
 
@@ -38,13 +39,34 @@ def check_execution(requested: str, model_id: str) -> None:
         raise ModelLoadError(model_id, f"unknown execution {requested!r}; use one of {EXECUTIONS}")
 
 
-def resolve_execution(requested: str, *, supported: bool, device: str, dtype: str, model_id: str) -> str:
-    """"packed" or "padded". auto: packed where the varlen kernels run (CUDA, half precision), padded elsewhere
-    (fp32 on CUDA would fall back to one attention call per pair). "packed" on a model that cannot run packed
-    falls back to padded with a warning, so one deployment setting can cover every model."""
+# flash-attn's varlen kernel and torch's varlen_attn run on Ampere (compute capability 8.0) and newer only.
+PACKED_MIN_CAPABILITY = (8, 0)
+
+
+def cuda_capability(device: str) -> tuple[int, int]:
+    """The compute capability of a CUDA device, e.g. (7, 5) for a T4, (8, 0) for an A100."""
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    return int(major), int(minor)
+
+
+def resolve_execution(requested: str, *, supported: bool, device: str, dtype: str, model_id: str,
+                      capability: tuple[int, int] | None = None) -> str:
+    """"packed" or "padded", decided once at load. auto: packed where the varlen kernels run (CUDA of compute
+    capability >= 8.0, half precision), padded elsewhere (fp32 on CUDA would fall back to one attention call per
+    pair; an older GPU has no kernel). "packed" on a model that cannot run packed, or on a CUDA device older than
+    the kernels, falls back to padded with a warning, so one deployment setting can cover every model and GPU.
+    `capability`: the CUDA device's, queried when None."""
     check_execution(requested, model_id)
+    cuda = device.startswith("cuda")
+    if cuda and requested != "padded":
+        capability = cuda_capability(device) if capability is None else tuple(capability)
+        if capability < PACKED_MIN_CAPABILITY:
+            if requested == "packed":
+                log.warning("%s: %s has compute capability %d.%d, older than the %d.%d the varlen kernels need; "
+                            "running padded", model_id, device, *capability, *PACKED_MIN_CAPABILITY)
+            return "padded"
     if requested == "auto":
-        fast = device.startswith("cuda") and dtype in ("float16", "bfloat16")
+        fast = cuda and dtype in ("float16", "bfloat16")
         return "packed" if supported and fast else "padded"
     if requested == "packed" and not supported:
         log.warning("%s: packed execution is not supported for this model; running padded", model_id)

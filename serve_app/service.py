@@ -304,6 +304,8 @@ class RerankService:
             "family": encoder.family,
             "dtype": loaded.get("dtype", model.dtype),
             "device": loaded.get("device", model.resolved_device),
+            # "packed" or "padded", decided by the replica at load (models/scoring.py resolve_execution).
+            "execution": loaded.get("execution"),
             "max_input_length": encoder.max_length,
             "id2label": {str(k): v for k, v in (encoder.id2label or {0: "LABEL_0"}).items()},
             "accepts_single_text": encoder.accepts_single,

@@ -168,6 +168,7 @@ def test_info_models_health_docs(main_url, tiny):
     for name, m in by_name.items():
         assert m["model_id"] == str(tiny[name]) and m["family"] == FAMILY_OF[name]
         assert m["dtype"] == "float32" and m["device"] == "cpu" and m["loaded"] is True
+        assert m["execution"] == "padded"  # auto on CPU, decided by the replica at load
         assert m["revision"] is None and m["id2label"]["0"] == "LABEL_0"
     assert by_name["bert"]["max_input_length"] == 64 and by_name["qwen"]["max_input_length"] == 512
     assert by_name["bert"]["batching"]["token_budget"] == 40

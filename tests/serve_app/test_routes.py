@@ -227,6 +227,7 @@ def test_info(client):
     assert bert["name"] == "bert" and bert["model_id"] == "fake/bert" and bert["family"] == "seq_cls"
     assert bert["max_input_length"] == 32 and bert["id2label"] == {"0": "relevant"}
     assert bert["dtype"] == "float32" and bert["device"] == "cpu" and bert["batching"]["token_budget"] == 4096
+    assert bert["execution"] == "padded"  # as the loaded model says (describe)
     assert bert["batching"]["max_fanout"] == 8
     assert qwen["accepts_instruction"] is True and qwen["default_instruction"] == "find it"
     assert info["max_client_batch_size"] == 1000 and info["model_id"] == "fake/bert"
