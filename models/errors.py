@@ -31,3 +31,8 @@ class PairRequiredError(InputError):
 
 class InstructionNotSupportedError(InputError):
     """An `instruction` sent to a model that takes none."""
+
+
+class DeviceMemoryError(RuntimeError):
+    """The device had no memory for one sequence of a request even scored alone (after smaller retries): a property
+    of that request on this deployment, not of the replica, which stays healthy."""

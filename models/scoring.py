@@ -19,7 +19,7 @@ import torch
 
 from .cutting import plan_chunks, scatter
 from .encoded import EncodedBatch
-from .errors import ModelLoadError
+from .errors import DeviceMemoryError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,19 @@ def resolve_execution(requested: str, *, supported: bool, device: str, dtype: st
         log.warning("%s: packed execution is not supported for this model; running padded", model_id)
         return "padded"
     return requested
+
+
+# A device allocation that failed, in the messages of errors that are not torch.OutOfMemoryError: the CUDA runtime's
+# cudaErrorMemoryAllocation ("CUDA error: out of memory") and a cuBLAS / cuDNN workspace that could not be allocated.
+# None of these leaves the CUDA context broken, unlike an illegal address or a device-side assert.
+_OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is the device running out of memory: a fault of the batch being run, not of the device."""
+    if isinstance(exc, (torch.OutOfMemoryError, DeviceMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY_MARKERS)
 
 
 def pad_right(batch: EncodedBatch, index: np.ndarray, pad_id: int, with_types: bool):
@@ -197,16 +210,54 @@ class Scorer:
         lengths = batch.lengths
         if lengths.min() < 1:
             raise ValueError("cannot score an empty sequence (no tokens)")
-        packed = self.execution == "packed"
-        transfer = self._transfer()
         with torch.inference_mode():
             chunks = self.chunks(lengths)
-            if transfer is not None:
-                return scatter([np.concatenate(chunks)], [self._score_pipelined(batch, chunks, transfer)], n)
-            # CPU: nothing to overlap (no copy); each chunk's scores are already host memory.
-            parts = [self._score_packed(batch, index) if packed else self._score_padded(batch, index)
-                     for index in chunks]
-        return scatter(chunks, parts, n)
+            try:
+                return scatter([np.concatenate(chunks)], [self._run_chunks(batch, chunks)], n)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                log.warning("%s: out of device memory on a batch of %d sequences (%d tokens): %s; scoring its "
+                            "chunks again, halved where they still do not fit", self.model_id, n,
+                            batch.num_tokens, exc)
+            # Out of the except block: the failed call's tensors went with its frames; hand them back.
+            self.release_memory()
+            return scatter(chunks, [self._score_fitting(batch, index) for index in chunks], n)
+
+    def _run_chunks(self, batch: EncodedBatch, chunks: list[np.ndarray]) -> np.ndarray:
+        """Raw scores of `chunks`, in chunk order (concatenated): the device pipeline on CUDA, else one chunk after
+        the other (CPU: nothing to overlap, each chunk's scores are already host memory)."""
+        transfer = self._transfer()
+        if transfer is not None:
+            return self._score_pipelined(batch, chunks, transfer)
+        run = self._score_packed if self.execution == "packed" else self._score_padded
+        parts = [run(batch, index) for index in chunks]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _score_fitting(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
+        """Raw scores of sequences `index` (in that order) as one chunk; where the device has no memory for it, as
+        two halves, recursively. Only a single sequence that does not fit even alone fails: DeviceMemoryError,
+        the memory of the failed attempt released (the replica stays healthy for every other request)."""
+        try:
+            return self._run_chunks(batch, [index])
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # Only the text is kept: the exception's frames hold the failed forward's tensors.
+            cause = f"{type(exc).__name__}: {exc}"
+        self.release_memory()
+        if len(index) == 1:
+            raise DeviceMemoryError(
+                f"model {self.model_id!r} ran out of device memory scoring one sequence of "
+                f"{int(batch.lengths[index[0]])} tokens alone ({_name(self.dtype)} on {self.device}): {cause}")
+        half = len(index) // 2
+        return np.concatenate([self._score_fitting(batch, index[:half]), self._score_fitting(batch, index[half:])])
+
+    def release_memory(self) -> None:
+        """Hand the caching allocator's free blocks back to the device after an out-of-memory error, so the
+        retry (and the replica's other work, and models sharing the GPU) can use them."""
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def _transfer(self) -> "CudaTransfer | None":
         """The host-to-device pipeline of a CUDA scorer (made once), None on CPU. Tests set `transfer`."""

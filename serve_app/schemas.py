@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from typing_extensions import NotRequired, TypedDict  # pydantic needs typing_extensions' TypedDict before 3.12
 
-from models.errors import InputError, ModelLoadError
+from models.errors import DeviceMemoryError, InputError, ModelLoadError
 
 # ----------------------------------------------------------------------------------------------- requests
 
@@ -230,8 +230,8 @@ def validation_message(errors: list[dict]) -> str:
 def map_exception(exc: BaseException) -> ApiError:
     """The HTTP error for an exception of the HTTP layer or of models/ (API.md section 3); no Ray here.
 
-    Bad input becomes a 4xx; a model that could not load a 503; anything else a JSON 500 (a bug, never
-    caused by the request's content). Ray's exceptions are mapped at the Ray boundary
+    Bad input becomes a 4xx; a model that could not load, or a sequence its device had no memory for even alone, a
+    503; anything else a JSON 500 (a bug, never caused by the request's content). Ray's exceptions are mapped at the Ray boundary
     (deployments/errors.py), which falls back on this.
     """
     from fastapi.exceptions import RequestValidationError
@@ -255,4 +255,6 @@ def map_exception(exc: BaseException) -> ApiError:
         return ApiError(422, "Validation", str(exc))
     if isinstance(exc, ModelLoadError):
         return ApiError(503, "Unhealthy", str(exc))
+    if isinstance(exc, DeviceMemoryError):  # this request, on this deployment's device share, now
+        return ApiError(503, "Unhealthy", f"{exc}; retry later, or send shorter texts")
     return ApiError(500, "Internal", f"internal error ({type(exc).__name__}); the request itself may be fine")
