@@ -40,8 +40,17 @@ def _tokenizer_failure(exc: BaseException) -> InputError | None:
     PanicException, a BaseException: it is the input's fault as much as any other tokenizer error."""
     if isinstance(exc, InputError) or not (isinstance(exc, Exception) or type(exc).__name__ == "PanicException"):
         return None
-    return InputError(f"the tokenizer cannot take this text ({type(exc).__name__}: {exc}); check it for "
-                      "characters that are not valid Unicode")
+    return InputError(f"the tokenizer cannot take this text ({type(exc).__name__}: {exc})")
+
+
+def _guarded(call, args, kwargs):
+    try:
+        return call(*args, **kwargs)
+    except BaseException as exc:
+        error = _tokenizer_failure(exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 class UserTextTokenizer:
@@ -56,31 +65,13 @@ class UserTextTokenizer:
         self._tok = tok
 
     def encode(self, *args, **kwargs) -> Encoding:
-        try:
-            return self._tok.encode(*args, **kwargs)
-        except BaseException as exc:
-            error = _tokenizer_failure(exc)
-            if error is None:
-                raise
-            raise error from exc
+        return _guarded(self._tok.encode, args, kwargs)
 
     def encode_batch(self, *args, **kwargs) -> list[Encoding]:
-        try:
-            return self._tok.encode_batch(*args, **kwargs)
-        except BaseException as exc:
-            error = _tokenizer_failure(exc)
-            if error is None:
-                raise
-            raise error from exc
+        return _guarded(self._tok.encode_batch, args, kwargs)
 
     def post_process(self, *args, **kwargs) -> Encoding:
-        try:
-            return self._tok.post_process(*args, **kwargs)
-        except BaseException as exc:
-            error = _tokenizer_failure(exc)
-            if error is None:
-                raise
-            raise error from exc
+        return _guarded(self._tok.post_process, args, kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self._tok, name)
