@@ -22,6 +22,12 @@ def _long_documents():
     return Field(default=None, description='"truncate" or "chunk" (API.md 1.6); null: the model\'s setting.')
 
 
+def _top_n():
+    # Integers of any size are taken (JSON has no limit) and clamped where applied, the same on every family.
+    return Field(default=None, description="only the best top_n results; >= 1, any size (more than the candidates "
+                                           "returns them all)")
+
+
 PredictInputs = Union[str, list[str], list[list[str]]]
 
 
@@ -49,7 +55,7 @@ class RerankRequest(_Truncation):
     return_text: bool = False
     model: str | None = None
     instruction: str | None = None
-    top_n: PositiveInt | None = None
+    top_n: PositiveInt | None = _top_n()
     long_documents: LongDocuments | None = _long_documents()
 
 
@@ -86,9 +92,11 @@ class CohereRerankRequest(_Request):
     model: str | None = None
     query: str
     documents: list[Union[str, Document]]
-    top_n: PositiveInt | None = None
+    top_n: PositiveInt | None = _top_n()
     return_documents: bool = False
-    max_tokens_per_doc: PositiveInt | None = None
+    max_tokens_per_doc: PositiveInt | None = Field(
+        default=None, description="each document cut to at most this many tokens; >= 1, any size (more than a "
+                                  "document has cuts nothing)")
     instruction: str | None = None
     long_documents: LongDocuments | None = _long_documents()
 
