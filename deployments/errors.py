@@ -6,8 +6,9 @@ gone) is mapped here, and everything else falls through to serve_app's mapping.
 """
 from __future__ import annotations
 
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, RayTaskError
+from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, RayServeException,
+                                  ReplicaUnavailableError)
 
 from serve_app.schemas import ApiError, map_exception
 
@@ -33,3 +34,20 @@ def map_ray_exception(exc: BaseException) -> ApiError:
     if isinstance(exc, RayServeException):
         return ApiError(503, "Unhealthy", f"the model deployment could not serve the request: {exc}")
     return map_exception(exc)
+
+
+# What a handle call raises when the replica that took it is gone (Ray 2.60): the actor died with the call in flight
+# (ActorDiedError), it cannot be reached (ActorUnavailableError, also what a lost gRPC connection to a replica
+# becomes), both RayActorErrors; the replica chosen for it left before the call was sent (ReplicaUnavailableError);
+# the result went with the replica's node (ObjectLostError). Not here: DeploymentUnavailableError, raised before any
+# replica is chosen when the deployment itself cannot serve (no replica would take the call again).
+_REPLICA_LOST = (RayActorError, ReplicaUnavailableError, ObjectLostError)
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether a handle call failed because its replica was lost, not because of the call (a retry elsewhere can
+    succeed): also when Ray wraps such an error in a RayTaskError."""
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        return cause is not None and cause is not exc and replica_lost(cause)
+    return isinstance(exc, _REPLICA_LOST)

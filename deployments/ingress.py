@@ -14,7 +14,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import map_ray_exception
+from deployments.errors import map_ray_exception, replica_lost
 from models.encoded import EncodedBatch
 from serve_app.routes import create_http_app
 from serve_app.schemas import ApiError
@@ -50,6 +50,26 @@ class HandleBackend:
         self.handle, self._status = handle, status
 
     async def score(self, batch: EncodedBatch) -> np.ndarray:
+        """One handle call, sent once more if its replica was lost with it (`replica_lost`: died, unreachable);
+        scoring is idempotent, and this is one request's call (or one piece of it), so nothing else is re-sent
+        and nothing is scored twice into a response. A second loss, or no replica left, is the caller's error
+        (a 503).
+
+        The retry lands on another replica: Ray's router drops a replica whose call failed with ActorDiedError,
+        and in any case sends a call only once the chosen replica has accepted it (it queries the replica first,
+        Serve's strict max_ongoing_requests), re-routing by itself when that query fails because the replica is
+        gone."""
+        try:
+            return await self._score_once(batch)
+        except Exception as exc:
+            if not replica_lost(exc):
+                raise
+            logger.warning("model deployment %r: a replica was lost with a call of %d sequences (%s: %s); "
+                           "sending it to another replica", self.handle.deployment_name, len(batch),
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return await self._score_once(batch)
+
+    async def _score_once(self, batch: EncodedBatch) -> np.ndarray:
         """One handle call; while it waits, make sure the model still has a replica to wait for.
 
         Ray's router waits without end for a replica of a deployment that has none, so a request to a

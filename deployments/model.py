@@ -26,7 +26,9 @@ logger = logging.getLogger("ray.serve")
 
 # Replaced per replica by the model's token budget (see __init__); the decorator needs a start value.
 _INITIAL_TOKEN_BUDGET = 16384
-_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "device-side assert", "out of memory")
+# Device errors after which the CUDA context cannot be trusted (an illegal address, a device-side assert): fatal at
+# once. Running out of memory is not one of them (models.scoring.is_out_of_memory): it fails one batch, not the device.
+_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert")
 
 
 @dataclass
@@ -213,13 +215,17 @@ class ModelReplica:
         """Why a failed forward means this replica is broken (it then reports unhealthy and Ray replaces it),
         or None when the failure may be the request's own.
 
-        Device errors are fatal at once. Any other error that is not bad input re-runs the warm-up batch as a
-        probe (on this forward thread): if that fails too, no request can succeed here."""
+        Device errors that break the CUDA context are fatal at once. Out of device memory is the batch's fault (the
+        scorer already retried it in smaller parts and released the memory); like any other error that is not bad
+        input it re-runs the warm-up batch as a probe (on this forward thread): only if that fails too can no
+        request succeed here."""
+        from models.scoring import is_out_of_memory  # torch: loaded by the replica's scorer by now
+
         cause = f"{type(exc).__name__}: {exc}"
-        if any(marker in str(exc) for marker in _FATAL_MARKERS):
-            return f"model {self.settings.name!r} hit a fatal device error: {cause}"
         if isinstance(exc, InputError):
             return None
+        if not is_out_of_memory(exc) and any(marker in str(exc) for marker in _FATAL_MARKERS):
+            return f"model {self.settings.name!r} hit a fatal device error: {cause}"
         try:
             self.scorer.warmup()
         except Exception as probe:  # noqa: BLE001 - any failure of the probe batch means the replica is broken
@@ -232,7 +238,8 @@ class ModelReplica:
     def describe(self) -> dict[str, Any]:
         """What /info reports about the loaded model."""
         return {"family": self.scorer.family, "dtype": _dtype_name(self.scorer.dtype),
-                "device": str(self.scorer.device), "max_length": self.scorer.max_length,
+                "device": str(self.scorer.device), "execution": self.scorer.execution,
+                "max_length": self.scorer.max_length,
                 "token_budget": self.token_budget, "num_parameters": int(self.scorer.num_parameters),
                 "load_time_s": round(self.load_time_s, 3),
                 "torch_threads": self.torch_threads, "torch_threads_from": self.threads_from,

@@ -1,10 +1,17 @@
 """Variable-length ("packed") attention for transformers models.
 
-`register()` adds an attention implementation named "packed" to transformers' AttentionInterface (and a
-matching mask function to AttentionMaskInterface); `model.set_attn_implementation("packed")` selects it.
-The model is then called with the packed inputs of models/packing.py: one row of T real tokens, position ids
-restarting per sequence, and `cu_seq_lens_q/k` + `max_length_q/k`, which transformers forwards untouched to
-every attention call. Each sequence attends only to itself (plus the causal / sliding-window rule of the layer).
+`register()` adds an attention implementation named "packed" to transformers' AttentionInterface;
+`model.set_attn_implementation("packed")` selects it. The model is then called with the packed inputs of
+models/packing.py: one row of T real tokens, position ids restarting per sequence, and `cu_seq_lens_q/k` +
+`max_length_q/k`, which transformers forwards untouched to every attention call. Each sequence attends only to
+itself (plus the causal / sliding-window rule of the layer).
+
+No mask function is registered for "packed", on purpose: transformers then builds no mask at all for it (its path
+for attention functions that need none), where a registered one makes it first look for packed sequences in the
+position ids with a host-side `.all()` on a device tensor, one device-to-host sync per forward chunk, which the
+pipelined CUDA loop (models/scoring.py) exists to avoid. So a model under "packed" takes packed or unpadded input
+only; padded batches run under "sdpa" (`use(model, packed)` switches it, and refuses a padding mask under
+"packed").
 
 Kernels, picked per call by `varlen_backend()`:
 - "flash_attn": `flash_attn.flash_attn_varlen_func` — CUDA, fp16/bf16, flash-attn installed;
@@ -14,9 +21,9 @@ Kernels, picked per call by `varlen_backend()`:
   measured faster on CPU than compiled FlexAttention with a document mask, see benchmarks/cpu_packing.py),
   and any layer the chosen kernel cannot express (a sliding window on torch 2.10).
 
-Padded calls keep working under the same implementation name: with a 2D padding mask the registered mask
-function builds the usual SDPA mask and attention runs as stock SDPA. Without a mask and without
-`cu_seq_lens`, each batch row is taken as one unpadded sequence.
+Without `cu_seq_lens`, each batch row is taken as one unpadded sequence. A prepared 4D mask passed in by hand runs
+as stock SDPA. An argument a layer passes that this function cannot honour (a logit soft cap, attention sinks
+`s_aux`, cross-attention states, dropout) raises instead of being dropped (`check_honoured`).
 
 Window convention (transformers' flash convention, which ModernBERT and Qwen3 follow): a layer's
 `sliding_window` s lets token i attend to j when |i - j| < s (bidirectional) or 0 <= i - j < s (causal);
@@ -46,27 +53,46 @@ _forced_backend: str | None = None
 
 
 def register(name: str = PACKED) -> str:
-    """Register the packed attention (and its mask function) with transformers under `name`; idempotent."""
+    """Register the packed attention with transformers under `name` (and no mask function: see above);
+    idempotent."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, packed_attention_forward)
-    AttentionMaskInterface.register(name, _padding_only_mask)
     return name
 
 
-def _padding_only_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
-    """Mask factory for the "packed" implementation.
+def use(model: torch.nn.Module, packed: bool) -> None:
+    """Run `model` (a transformers model) with packed attention, or with "sdpa" when `packed` is False. Under packed
+    attention a call with a padding `attention_mask` is refused: with no mask function registered, transformers
+    would drop the mask and a padded batch would attend to its padding."""
+    target = register() if packed else "sdpa"
+    if model.config._attn_implementation != target:
+        model.set_attn_implementation(target)
+    if packed and not getattr(model, "_packed_mask_guard", False):
+        model.register_forward_pre_hook(_refuse_padding_mask, with_kwargs=True)
+        model._packed_mask_guard = True
 
-    No 2D padding mask (packed or unpadded input): return None, so no [T, T] mask is ever materialised — the
-    attention function separates sequences through cu_seq_lens instead. transformers' packed-sequence detection
-    (`find_packed_sequence_indices`, causal models) wraps the mask function but the result is dropped here.
-    With a padding mask (a padded batch): the stock SDPA mask, so padded forwards stay correct.
-    """
-    if attention_mask is None:
-        return None
-    from transformers.masking_utils import sdpa_mask
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+def _refuse_padding_mask(model, args, kwargs):
+    if kwargs.get("attention_mask") is not None and model.config._attn_implementation == PACKED:
+        raise ValueError("a padding attention_mask under packed attention: pass cu_seq_lens (packed input), or "
+                         "switch the model to sdpa for padded batches")
+
+
+# Keyword arguments transformers' layers pass to every attention function that do not change what it computes.
+NEUTRAL_KWARGS = frozenset({"position_ids", "use_cache", "deterministic", "output_attentions", "cache_position"})
+
+
+def check_honoured(module: torch.nn.Module, kwargs: dict) -> None:
+    """Refuse an argument packed attention would otherwise drop: a logit soft cap (`softcap`, Gemma 2), attention
+    sinks (`s_aux`, gpt-oss), cross-attention states, anything new. Dropping one would change the scores
+    silently; an argument that asks for nothing (None, False, 0) is fine."""
+    for name, value in kwargs.items():
+        if name in NEUTRAL_KWARGS or value is None or (not isinstance(value, torch.Tensor) and not value):
+            continue
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise NotImplementedError(f"packed attention cannot honour `{name}` ({shown}) of {type(module).__name__}; "
+                                  "run this model padded")
 
 
 # --- the variable-length kernels ---------------------------------------------------------------------------------
@@ -324,7 +350,8 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """transformers attention function: query [B, Hq, S, D], key/value [B, Hkv, S, D] -> ([B, S, Hq, D], None)."""
     if dropout:
         raise NotImplementedError("packed attention is for inference: call model.eval() first")
-    if attention_mask is not None:  # a padded batch: the mask already carries padding, causality and window
+    check_honoured(module, kwargs)
+    if attention_mask is not None:  # a prepared mask: it already carries padding, causality and window
         if cu_seq_lens_q is not None:
             raise ValueError("pass either a padding attention_mask or cu_seq_lens, not both")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

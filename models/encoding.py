@@ -22,15 +22,59 @@ def parse_direction(direction: str) -> str:
     return d
 
 
-def backend_copy(backend: Tokenizer, max_length: int | None, direction: str = "right") -> Tokenizer:
-    """An independent copy of a Rust tokenizer, truncating pairs `longest_first` to `max_length` (None: never)."""
+def backend_copy(backend: Tokenizer, max_length: int | None, direction: str = "right") -> "UserTextTokenizer":
+    """An independent copy of a Rust tokenizer, truncating pairs `longest_first` to `max_length` (None: never),
+    behind the boundary every encoder tokenizes user text through (`UserTextTokenizer`)."""
     tok = Tokenizer.from_str(backend.to_str())
     tok.no_padding()
     if max_length is None:
         tok.no_truncation()
     else:
         tok.enable_truncation(max_length, stride=0, strategy="longest_first", direction=direction)
-    return tok
+    return UserTextTokenizer(tok)
+
+
+def _tokenizer_failure(exc: BaseException) -> InputError | None:
+    """The InputError for a tokenizer's failure on user text; None for what must pass through unchanged (an
+    InputError already, KeyboardInterrupt, SystemExit, ...). A panic in the Rust code arrives as pyo3's
+    PanicException, a BaseException: it is the input's fault as much as any other tokenizer error."""
+    if isinstance(exc, InputError) or not (isinstance(exc, Exception) or type(exc).__name__ == "PanicException"):
+        return None
+    return InputError(f"the tokenizer cannot take this text ({type(exc).__name__}: {exc})")
+
+
+def _guarded(call, args, kwargs):
+    try:
+        return call(*args, **kwargs)
+    except BaseException as exc:
+        error = _tokenizer_failure(exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+class UserTextTokenizer:
+    """The one boundary where user text meets a Rust tokenizer: the encoders' tokenizer copies (`backend_copy`)
+    are these, so ANY failure of the tokenizer on a text, in any family's encoding, is an InputError (a 422), never
+    a 500. Texts that are not valid Unicode are refused with their index before (`check_text`); this catches what
+    no check foresaw. Everything else is the wrapped `tokenizers.Tokenizer`'s own."""
+
+    __slots__ = ("_tok",)
+
+    def __init__(self, tok: Tokenizer):
+        self._tok = tok
+
+    def encode(self, *args, **kwargs) -> Encoding:
+        return _guarded(self._tok.encode, args, kwargs)
+
+    def encode_batch(self, *args, **kwargs) -> list[Encoding]:
+        return _guarded(self._tok.encode_batch, args, kwargs)
+
+    def post_process(self, *args, **kwargs) -> Encoding:
+        return _guarded(self._tok.post_process, args, kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
 
 
 # One core, 512 NQ-like documents (benchmarks/README.md): query-once vs pair encoding was 0.90x at a 12-token
@@ -46,14 +90,33 @@ def shared_query(inputs: Sequence) -> bool:
     return all(isinstance(x, tuple) and (x[0] is query or x[0] == query) for x in inputs)
 
 
-def check_max_tokens_per_doc(value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise InputError(f"max_tokens_per_doc must be a positive integer, got {value!r}")
+# max_tokens_per_doc above this is this: more tokens than any document has, so it cuts nothing (and fits the
+# tokenizer's 64-bit lengths, which a JSON integer such as 2**64 would not).
+MAX_TOKENS_PER_DOC = 1 << 62
 
 
-def check_text(value, index: int, what: str) -> None:
+def check_max_tokens_per_doc(value: int | None) -> int | None:
+    """`max_tokens_per_doc` as every family applies it: a positive integer (else an InputError), clamped to
+    MAX_TOKENS_PER_DOC; None: no cut."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"max_tokens_per_doc must be a positive integer, got {value!r}", field="max_tokens_per_doc")
+    return min(value, MAX_TOKENS_PER_DOC)
+
+
+def check_text(value, index: int | None, what: str, field: str | None = None) -> None:
+    """A string the tokenizer can take: not a string, or a string that is not valid Unicode (a lone UTF-16
+    surrogate such as the JSON escape "\\ud800" decodes to) is an InputError naming the item and `field`."""
     if not isinstance(value, str):
-        raise InputError(f"item {index}: {what} must be a string, got {type(value).__name__}", index=index)
+        where = f"item {index}: " if index is not None else ""
+        raise InputError(f"{where}{what} must be a string, got {type(value).__name__}", index=index, field=field)
+    if not value.isascii():  # O(1) for the common ASCII text; a surrogate is never ASCII
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # the message carries the character escaped, never the raw surrogate
+            raise InputError(f"{what} is not valid Unicode: character {e.start} is {value[e.start]!r}, a lone "
+                             "UTF-16 surrogate; send valid UTF-8 text", index=index, field=field) from None
 
 
 def cut_texts(backend, texts: list[str], max_tokens: int, direction: str) -> list[str]:
@@ -66,6 +129,8 @@ def cut_texts(backend, texts: list[str], max_tokens: int, direction: str) -> lis
         out.append(text)
     return out
 
+
+_NOTHING = object()  # a value no item holds
 
 # The families whose encoders take an `instruction` (`accepts_instruction`), as users know them, for the message
 # that refuses one (tests/models/test_encoding.py keeps this in step with the families' flags).
@@ -81,15 +146,19 @@ INSTRUCTION_FAMILIES = {
 def check_items(encoder, items: Sequence[Item], instruction: str | None) -> None:
     """The one check of a request against an encoder's rules, with one message per refusal: an `instruction`
     only where `encoder.accepts_instruction`, a single text (no document) only where `encoder.accepts_single`,
-    and strings throughout. Every encoder runs it; the serving layer does not check these again."""
+    and valid Unicode strings throughout (`check_text`). Every encoder runs it; the serving layer does not check
+    these again."""
     if instruction is not None:
         if not encoder.accepts_instruction:
             raise InstructionNotSupportedError(
                 f"model {encoder.model_id!r} takes no `instruction`; remove it (only instruction-aware models "
-                f"take one: {', '.join(INSTRUCTION_FAMILIES.values())})")
-        check_text(instruction, 0, "the instruction")
+                f"take one: {', '.join(INSTRUCTION_FAMILIES.values())})", field="instruction")
+        check_text(instruction, None, "the instruction", field="instruction")
+    checked: object = _NOTHING
     for i, (query, doc) in enumerate(items):
-        check_text(query, i, "the query")
+        if query is not checked:  # a rerank request's items share one query object: checked once
+            check_text(query, i, "the query", field="query")
+            checked = query
         if doc is not None:
             check_text(doc, i, "the document")
         elif not encoder.accepts_single:
@@ -163,7 +232,7 @@ class Encoder:
         request checked, then (direction, queries, documents), each document cut to `max_tokens_per_doc` on its
         text (`self._full`: the encoder's never-truncating tokenizer)."""
         direction = parse_direction(direction)
-        check_max_tokens_per_doc(max_tokens_per_doc)
+        max_tokens_per_doc = check_max_tokens_per_doc(max_tokens_per_doc)
         check_items(self, items, instruction)
         queries = [query for query, _ in items]
         docs = [doc for _, doc in items]
@@ -209,7 +278,7 @@ class PairEncoder(Encoder):
 
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None):
         direction = parse_direction(direction)
-        check_max_tokens_per_doc(max_tokens_per_doc)
+        max_tokens_per_doc = check_max_tokens_per_doc(max_tokens_per_doc)
         check_items(self, items, instruction)
         inputs = [query if doc is None else (query, doc) for query, doc in items]
         tok = self._cut[direction] if truncate else self._full
@@ -220,6 +289,8 @@ class PairEncoder(Encoder):
                 encodings = self._encode_one_query(inputs, tok) if shared_query(inputs) else None
                 if encodings is None:
                     encodings = tok.encode_batch(inputs, add_special_tokens=True)
+        except InputError:
+            raise
         except Exception as e:  # e.g. a max_length below the template's special tokens
             raise InputError(f"cannot tokenize the input: {e}") from e
         for i, e in enumerate(encodings):

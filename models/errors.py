@@ -12,10 +12,12 @@ class ModelLoadError(RuntimeError):
 
 
 class InputError(ValueError):
-    """Bad user input found while encoding; becomes a 422 `Validation` error. `index` is the offending item."""
+    """Bad user input found while encoding; becomes a 422 `Validation` error. `index` is the offending item;
+    `field` says which part of it when that is not the item itself: "query" (the item's query) or "instruction"
+    (the request's instruction, which belongs to no item)."""
 
-    def __init__(self, message: str, index: int | None = None):
-        self.index = index
+    def __init__(self, message: str, index: int | None = None, field: str | None = None):
+        self.index, self.field = index, field
         super().__init__(message)
 
 
@@ -29,3 +31,8 @@ class PairRequiredError(InputError):
 
 class InstructionNotSupportedError(InputError):
     """An `instruction` sent to a model that takes none."""
+
+
+class DeviceMemoryError(RuntimeError):
+    """The device had no memory for one sequence of a request even scored alone (after smaller retries): a property
+    of that request on this deployment, not of the replica, which stays healthy."""

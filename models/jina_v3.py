@@ -133,7 +133,7 @@ class JinaEncoder(Encoder):
     def encode(self, items, *, truncate=True, direction="right", instruction=None, max_tokens_per_doc=None,
                one_list: bool = False) -> EncodedBatch:
         direction = parse_direction(direction)
-        check_max_tokens_per_doc(max_tokens_per_doc)
+        max_tokens_per_doc = check_max_tokens_per_doc(max_tokens_per_doc)
         check_items(self, items, instruction)
         items = list(items)
         if not items:

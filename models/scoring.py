@@ -6,8 +6,9 @@ the raw scores back to input order. A chunk runs one of two ways (`Scorer.execut
   A family implements `_forward_padded`.
 - "packed": one row of real tokens with per-pair boundaries (models/packing.py), attention "packed"
   (models/attention.py); the budget counts real tokens. A family that supports it implements `_forward_packed`.
-"auto" picks packed on CUDA in fp16/bf16 when the model supports it (varlen kernels), padded otherwise: on this
-CPU, length-sorted padded chunks of 4096 tokens were measured as fast as packed (benchmarks/cpu_packing.py).
+"auto" picks packed on CUDA of compute capability >= 8.0 in fp16/bf16 when the model supports it (varlen kernels),
+padded otherwise: on this CPU, length-sorted padded chunks of 4096 tokens were measured as fast as packed
+(benchmarks/cpu_packing.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from .cutting import plan_chunks, scatter
 from .encoded import EncodedBatch
-from .errors import ModelLoadError
+from .errors import DeviceMemoryError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,52 @@ def check_execution(requested: str, model_id: str) -> None:
         raise ModelLoadError(model_id, f"unknown execution {requested!r}; use one of {EXECUTIONS}")
 
 
-def resolve_execution(requested: str, *, supported: bool, device: str, dtype: str, model_id: str) -> str:
-    """"packed" or "padded". auto: packed where the varlen kernels run (CUDA, half precision), padded elsewhere
-    (fp32 on CUDA would fall back to one attention call per pair). "packed" on a model that cannot run packed
-    falls back to padded with a warning, so one deployment setting can cover every model."""
+# flash-attn's varlen kernel and torch's varlen_attn run on Ampere (compute capability 8.0) and newer only.
+PACKED_MIN_CAPABILITY = (8, 0)
+
+
+def cuda_capability(device: str) -> tuple[int, int]:
+    """The compute capability of a CUDA device, e.g. (7, 5) for a T4, (8, 0) for an A100."""
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    return int(major), int(minor)
+
+
+def resolve_execution(requested: str, *, supported: bool, device: str, dtype: str, model_id: str,
+                      capability: tuple[int, int] | None = None) -> str:
+    """"packed" or "padded", decided once at load. auto: packed where the varlen kernels run (CUDA of compute
+    capability >= 8.0, half precision), padded elsewhere (fp32 on CUDA would fall back to one attention call per
+    pair; an older GPU has no kernel). "packed" on a model that cannot run packed, or on a CUDA device older than
+    the kernels, falls back to padded with a warning, so one deployment setting can cover every model and GPU.
+    `capability`: the CUDA device's, queried when None."""
     check_execution(requested, model_id)
+    cuda = device.startswith("cuda")
+    if cuda and requested != "padded":
+        capability = cuda_capability(device) if capability is None else tuple(capability)
+        if capability < PACKED_MIN_CAPABILITY:
+            if requested == "packed":
+                log.warning("%s: %s has compute capability %d.%d, older than the %d.%d the varlen kernels need; "
+                            "running padded", model_id, device, *capability, *PACKED_MIN_CAPABILITY)
+            return "padded"
     if requested == "auto":
-        fast = device.startswith("cuda") and dtype in ("float16", "bfloat16")
+        fast = cuda and dtype in ("float16", "bfloat16")
         return "packed" if supported and fast else "padded"
     if requested == "packed" and not supported:
         log.warning("%s: packed execution is not supported for this model; running padded", model_id)
         return "padded"
     return requested
+
+
+# A device allocation that failed, in the messages of errors that are not torch.OutOfMemoryError: the CUDA runtime's
+# cudaErrorMemoryAllocation ("CUDA error: out of memory") and a cuBLAS / cuDNN workspace that could not be allocated.
+# None of these leaves the CUDA context broken, unlike an illegal address or a device-side assert.
+_OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is the device running out of memory: a fault of the batch being run, not of the device."""
+    if isinstance(exc, (torch.OutOfMemoryError, DeviceMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY_MARKERS)
 
 
 def pad_right(batch: EncodedBatch, index: np.ndarray, pad_id: int, with_types: bool):
@@ -162,11 +197,10 @@ class Scorer:
         from . import attention
 
         for model in self._attention_modules():
-            current = model.config._attn_implementation
-            if self.execution == "packed" and current != attention.PACKED:
-                model.set_attn_implementation(attention.register())
-            elif self.execution == "padded" and current == attention.PACKED:
-                model.set_attn_implementation("sdpa")
+            if self.execution == "packed":
+                attention.use(model, packed=True)
+            elif model.config._attn_implementation == attention.PACKED:
+                attention.use(model, packed=False)
         return self.execution
 
     def score(self, batch: EncodedBatch) -> np.ndarray:
@@ -176,16 +210,54 @@ class Scorer:
         lengths = batch.lengths
         if lengths.min() < 1:
             raise ValueError("cannot score an empty sequence (no tokens)")
-        packed = self.execution == "packed"
-        transfer = self._transfer()
         with torch.inference_mode():
             chunks = self.chunks(lengths)
-            if transfer is not None:
-                return scatter([np.concatenate(chunks)], [self._score_pipelined(batch, chunks, transfer)], n)
-            # CPU: nothing to overlap (no copy); each chunk's scores are already host memory.
-            parts = [self._score_packed(batch, index) if packed else self._score_padded(batch, index)
-                     for index in chunks]
-        return scatter(chunks, parts, n)
+            try:
+                return scatter([np.concatenate(chunks)], [self._run_chunks(batch, chunks)], n)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                log.warning("%s: out of device memory on a batch of %d sequences (%d tokens): %s; scoring its "
+                            "chunks again, halved where they still do not fit", self.model_id, n,
+                            batch.num_tokens, exc)
+            # Out of the except block: the failed call's tensors went with its frames; hand them back.
+            self.release_memory()
+            return scatter(chunks, [self._score_fitting(batch, index) for index in chunks], n)
+
+    def _run_chunks(self, batch: EncodedBatch, chunks: list[np.ndarray]) -> np.ndarray:
+        """Raw scores of `chunks`, in chunk order (concatenated): the device pipeline on CUDA, else one chunk after
+        the other (CPU: nothing to overlap, each chunk's scores are already host memory)."""
+        transfer = self._transfer()
+        if transfer is not None:
+            return self._score_pipelined(batch, chunks, transfer)
+        run = self._score_packed if self.execution == "packed" else self._score_padded
+        parts = [run(batch, index) for index in chunks]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _score_fitting(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
+        """Raw scores of sequences `index` (in that order) as one chunk; where the device has no memory for it, as
+        two halves, recursively. Only a single sequence that does not fit even alone fails: DeviceMemoryError,
+        the memory of the failed attempt released (the replica stays healthy for every other request)."""
+        try:
+            return self._run_chunks(batch, [index])
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # Only the text is kept: the exception's frames hold the failed forward's tensors.
+            cause = f"{type(exc).__name__}: {exc}"
+        self.release_memory()
+        if len(index) == 1:
+            raise DeviceMemoryError(
+                f"model {self.model_id!r} ran out of device memory scoring one sequence of "
+                f"{int(batch.lengths[index[0]])} tokens alone ({_name(self.dtype)} on {self.device}): {cause}")
+        half = len(index) // 2
+        return np.concatenate([self._score_fitting(batch, index[:half]), self._score_fitting(batch, index[half:])])
+
+    def release_memory(self) -> None:
+        """Hand the caching allocator's free blocks back to the device after an out-of-memory error, so the
+        retry (and the replica's other work, and models sharing the GPU) can use them."""
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def _transfer(self) -> "CudaTransfer | None":
         """The host-to-device pipeline of a CUDA scorer (made once), None on CPU. Tests set `transfer`."""

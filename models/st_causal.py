@@ -148,8 +148,12 @@ class StCausalEncoder(Encoder):
         different filler contents (system message kept), [] when the renders never diverge."""
         suffix = self._suffixes.get(prompt)
         if suffix is None:
-            first, second = (self._full.encode(self._render([self._conversation(prompt, f, f)])[0],
-                                               add_special_tokens=False).ids for f in _SUFFIX_FILLERS)
+            try:  # the prompt may be the request's instruction: a template that raises on it is that input's fault
+                renders = [self._render([self._conversation(prompt, f, f)])[0] for f in _SUFFIX_FILLERS]
+            except Exception as e:
+                raise InputError(f"the model's chat template cannot render the instruction: {e}",
+                                 field="instruction") from e
+            first, second = (self._full.encode(r, add_special_tokens=False).ids for r in renders)
             count = 0
             for a, b in zip(reversed(first), reversed(second)):
                 if a != b:

@@ -92,6 +92,21 @@ def _fits(encoder, item, *, instruction, max_tokens_per_doc) -> bool:
     return True
 
 
+def _refuse_long_singles(encoder, items, plain: EncodedBatch, cut: list[bool] | None, *, instruction) -> None:
+    """With `truncate: false`, a single text (no document) that does not fit is a 422 as in "truncate" mode:
+    windows apply to the documents of pairs only (API.md 1.6), so there is nothing to chunk it into."""
+    for i, (_, doc) in enumerate(items):
+        if doc is not None or not (cut[i] if cut is not None else plain.lengths[i] >= encoder.max_length):
+            continue
+        try:
+            encoder.encode([items[i]], truncate=False, instruction=instruction)
+        except InputTooLongError:
+            raise InputTooLongError(
+                f"input {i} is a single text longer than the model's maximum of {encoder.max_length} tokens; "
+                "long_documents \"chunk\" windows the documents of pairs only: shorten it or send truncate=true",
+                index=i) from None
+
+
 def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate: bool = True,
                    direction: str = "right", instruction: str | None = None, max_tokens_per_doc: int | None = None,
                    chunk_overlap: int = 64, max_chunks: int = 32) -> WindowedBatch:
@@ -99,7 +114,8 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
 
     Items that fit (and single texts) are exactly the family's truncating `encode`; a pair that does not fit is
     its windows, unless fewer than MIN_WINDOW tokens are left for a window: then it is scored as with "truncate"
-    (`truncate`/`direction` apply to it, as they would there).
+    (`truncate`/`direction` apply to it, as they would there). A single text that does not fit is cut, or with
+    `truncate=False` refused, as in "truncate" mode.
     """
     if not getattr(encoder, "supports_windows", False):
         raise InputError(f"model {encoder.model_id!r} cannot score long documents as windows; "
@@ -107,7 +123,7 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
     if chunk_overlap < 0 or max_chunks < 1:
         raise InputError(f"chunk_overlap must be >= 0 and max_chunks >= 1, got {chunk_overlap}, {max_chunks}")
     items = list(items)
-    check_max_tokens_per_doc(max_tokens_per_doc)
+    max_tokens_per_doc = check_max_tokens_per_doc(max_tokens_per_doc)
     check_items(encoder, items, instruction)
     # The truncating encoding: the answer for every item that fits, and the check that the batch encodes at all;
     # with the items it cut, where the family knows them.
@@ -118,6 +134,8 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
         plain, cut = encoder.encode(items, truncate=True, direction=direction, instruction=instruction,
                                     max_tokens_per_doc=max_tokens_per_doc), None
     max_length = encoder.max_length
+    if not truncate:
+        _refuse_long_singles(encoder, items, plain, cut, instruction=instruction)
     if cut is not None:  # the family says which items its truncation cut
         candidates = [i for i, (_, doc) in enumerate(items) if doc is not None and cut[i]]
     else:  # an encoding shorter than the max length was not cut; one at the max length may or may not have been

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 # Tokenizing replicas per node CPU when a model is on a GPU: every ingress replica runs the GIL-bound HTTP work
@@ -21,19 +23,100 @@ GPU_INGRESS_CPUS_PER_REPLICA = 2
 MAX_GPU_INGRESS_REPLICAS = 16
 
 
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The cgroup CPU quota in CPUs (v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), None when unlimited or unknown."""
+@dataclass(frozen=True)
+class CgroupMount:
+    """Where a cgroup hierarchy is mounted: `root` is the cgroup path the mount shows at `point` (mountinfo's
+    root field: "/" in a cgroup namespace, the container's own cgroup under an older Docker's bind mount)."""
+
+    version: int  # 1 or 2
+    root: str
+    point: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040, ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup_mounts(mountinfo: str) -> dict[int, CgroupMount]:
+    """The cgroup v2 (unified) mount and the v1 mount that carries the `cpu` controller, from /proc/self/mountinfo
+    (`ID parent major:minor root point options [optional...] - fstype source super-options`)."""
+    found: dict[int, CgroupMount] = {}
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if not sep or len(fields) < 5 or len(rest) < 3:
+            continue
+        fstype, options = rest[0], rest[2].split(",")
+        version = 2 if fstype == "cgroup2" else 1 if fstype == "cgroup" and "cpu" in options else None
+        if version is not None and version not in found:
+            found[version] = CgroupMount(version, _unescape(fields[3]), _unescape(fields[4]))
+    return found
+
+
+def own_cgroups(proc_cgroup: str) -> dict[int, str]:
+    """This process's cgroup path per version, from /proc/self/cgroup: v1 from the line whose controllers include
+    `cpu` ("4:cpu,cpuacct:/path"), v2 from the unified line ("0::/path")."""
+    own: dict[int, str] = {}
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            own.setdefault(2, path)
+        elif "cpu" in controllers.split(","):
+            own.setdefault(1, path)
+    return own
+
+
+def _quota(directory: Path, version: int) -> float | None:
+    """The CPU quota set on one cgroup directory, in CPUs; None when it sets none ("max", -1) or cannot be read."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        if version == 2:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
         return quota / period if quota > 0 and period > 0 else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         return None
+
+
+def _cgroup_dirs(mount: CgroupMount, path: str, fs_root: Path) -> list[Path]:
+    """The process's cgroup directory under `mount`, then each ancestor up to the mount point: the nested
+    cgroups whose quotas all apply (the kernel throttles at every level; the smallest binds)."""
+    point = fs_root / mount.point.lstrip("/")
+    root = mount.root.rstrip("/")
+    if path == root or path.startswith(root + "/"):
+        relative = [p for p in path[len(root):].split("/") if p]
+    else:  # a path outside what the mount shows (e.g. another cgroup namespace): the mount's own level
+        relative = []
+    dirs = [point]
+    for part in relative:
+        dirs.append(dirs[-1] / part)
+    return dirs[::-1]
+
+
+def cgroup_cpu_limit(proc_self: Path = Path("/proc/self"), fs_root: Path = Path("/")) -> float | None:
+    """The CPU quota the kernel applies to this process, in CPUs: the smallest quota over its own cgroup (read
+    from `proc_self`/cgroup, v1's `cpu` controller where it has one, else v2's unified path) and every ancestor
+    cgroup visible under its mount (`proc_self`/mountinfo); None when no level sets one or nothing can be read.
+    `fs_root` prefixes the mount points (tests build fake trees)."""
+    try:
+        own = own_cgroups((proc_self / "cgroup").read_text())
+    except OSError:
+        return None
+    try:
+        mounts = cgroup_mounts((proc_self / "mountinfo").read_text())
+    except OSError:  # the usual mount points
+        mounts = {1: CgroupMount(1, "/", "/sys/fs/cgroup/cpu"), 2: CgroupMount(2, "/", "/sys/fs/cgroup")}
+    for version in (1, 2):  # a hybrid host keeps the cpu controller on v1
+        if version in own and version in mounts:
+            quotas = [q for d in _cgroup_dirs(mounts[version], own[version], fs_root)
+                      if (q := _quota(d, version)) is not None]
+            return min(quotas) if quotas else None
+    return None
 
 
 def usable_cpus(affinity: set[int] | None = None, limit: float | None | object = ...) -> int:

@@ -40,7 +40,10 @@ def _body(shape: Any) -> tuple[dict, Callable[[Any], bytes]]:
 
 
 def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse({"error": err.message, "error_type": err.error_type}, status_code=err.status,
+    # A message may quote what the client sent (a field name in a validation error): text that is not valid
+    # Unicode (a lone surrogate) is written escaped, so rendering the error can never fail.
+    message = err.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": message, "error_type": err.error_type}, status_code=err.status,
                         headers=err.headers or None)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from typing_extensions import NotRequired, TypedDict  # pydantic needs typing_extensions' TypedDict before 3.12
 
-from models.errors import InputError, ModelLoadError
+from models.errors import DeviceMemoryError, InputError, ModelLoadError
 
 # ----------------------------------------------------------------------------------------------- requests
 
@@ -20,6 +20,12 @@ LongDocuments = Literal["truncate", "chunk"]
 
 def _long_documents():
     return Field(default=None, description='"truncate" or "chunk" (API.md 1.6); null: the model\'s setting.')
+
+
+def _top_n():
+    # Integers of any size are taken (JSON has no limit) and clamped where applied, the same on every family.
+    return Field(default=None, description="only the best top_n results; >= 1, any size (more than the candidates "
+                                           "returns them all)")
 
 
 PredictInputs = Union[str, list[str], list[list[str]]]
@@ -49,7 +55,7 @@ class RerankRequest(_Truncation):
     return_text: bool = False
     model: str | None = None
     instruction: str | None = None
-    top_n: PositiveInt | None = None
+    top_n: PositiveInt | None = _top_n()
     long_documents: LongDocuments | None = _long_documents()
 
 
@@ -86,9 +92,11 @@ class CohereRerankRequest(_Request):
     model: str | None = None
     query: str
     documents: list[Union[str, Document]]
-    top_n: PositiveInt | None = None
+    top_n: PositiveInt | None = _top_n()
     return_documents: bool = False
-    max_tokens_per_doc: PositiveInt | None = None
+    max_tokens_per_doc: PositiveInt | None = Field(
+        default=None, description="each document cut to at most this many tokens; >= 1, any size (more than a "
+                                  "document has cuts nothing)")
     instruction: str | None = None
     long_documents: LongDocuments | None = _long_documents()
 
@@ -230,8 +238,8 @@ def validation_message(errors: list[dict]) -> str:
 def map_exception(exc: BaseException) -> ApiError:
     """The HTTP error for an exception of the HTTP layer or of models/ (API.md section 3); no Ray here.
 
-    Bad input becomes a 4xx; a model that could not load a 503; anything else a JSON 500 (a bug, never
-    caused by the request's content). Ray's exceptions are mapped at the Ray boundary
+    Bad input becomes a 4xx; a model that could not load, or a sequence its device had no memory for even alone, a
+    503; anything else a JSON 500 (a bug, never caused by the request's content). Ray's exceptions are mapped at the Ray boundary
     (deployments/errors.py), which falls back on this.
     """
     from fastapi.exceptions import RequestValidationError
@@ -255,4 +263,6 @@ def map_exception(exc: BaseException) -> ApiError:
         return ApiError(422, "Validation", str(exc))
     if isinstance(exc, ModelLoadError):
         return ApiError(503, "Unhealthy", str(exc))
+    if isinstance(exc, DeviceMemoryError):  # this request, on this deployment's device share, now
+        return ApiError(503, "Unhealthy", f"{exc}; retry later, or send shorter texts")
     return ApiError(500, "Internal", f"internal error ({type(exc).__name__}); the request itself may be fine")

@@ -82,6 +82,17 @@ async def _replicas(backend: Any) -> int | None:
         return None
 
 
+def error_place(error: InputError, field: str, query_field: str | None = None) -> str:
+    """Where in the request an encoder's InputError is, as its message's prefix: "`texts[3]`: ", "`query`: ",
+    "`instruction`: "; "" when it is about no one place. `field` is the request's list of items; `query_field` its
+    query where that is a field of its own (else a query is part of its item: `inputs[3]`)."""
+    if error.field == "query" and query_field is not None:
+        return f"`{query_field}`: "
+    if error.field is not None and error.field != "query":
+        return f"`{error.field}`: "
+    return f"`{field}[{error.index}]`: " if error.index is not None else ""
+
+
 async def _all_or_cancel(calls: Sequence[Awaitable[np.ndarray]]) -> list[np.ndarray]:
     """The results of `calls`, run concurrently; the first failure cancels the others and is raised."""
     tasks = [asyncio.ensure_future(c) for c in calls]
@@ -133,28 +144,31 @@ class RerankService:
                                               f"{self.settings.max_candidates} per request: split the request")
 
     async def encode(self, model: ModelSettings, items: Sequence[tuple[str, str | None]], field: str,
-                     **kwargs: Any) -> EncodedBatch:
+                     query_field: str | None = None, **kwargs: Any) -> EncodedBatch:
         """Template + tokenize in a worker thread (keeps the event loop free for other requests)."""
-        return await self._in_thread(self.encoders[model.name].encode, items, field, **kwargs)
+        return await self._in_thread(self.encoders[model.name].encode, items, field, query_field, **kwargs)
 
     @staticmethod
-    async def _in_thread(fn: Any, items: Sequence[tuple[str, str | None]], field: str, **kwargs: Any) -> Any:
+    async def _in_thread(fn: Any, items: Sequence[tuple[str, str | None]], field: str, query_field: str | None,
+                         **kwargs: Any) -> Any:
         try:  # models' encoders are safe to call from several threads at once
             return await asyncio.to_thread(fn, items, **kwargs)
         except InputError as e:
-            where = f"`{field}[{e.index}]`: " if e.index is not None else ""
-            raise ApiError(422, "Validation", f"{where}{e}") from e
+            raise ApiError(422, "Validation", f"{error_place(e, field, query_field)}{e}") from e
 
     async def encode_and_score(self, model: ModelSettings, items: Sequence[tuple[str, str | None]], field: str, *,
-                               long_documents: str | None = None, **kwargs: Any) -> tuple[np.ndarray, int]:
+                               query_field: str | None = None, long_documents: str | None = None,
+                               **kwargs: Any) -> tuple[np.ndarray, int]:
         """(raw score per item, tokens scored). With long_documents "chunk" (API.md 1.6) a pair that does not fit
         is several sequences of the one batch (its windows), scored and fanned out like any others; its score is
-        the max over them, and every window's tokens count."""
+        the max over them, and every window's tokens count. `field` names the request's list of items, and
+        `query_field` its query where that is one field of its own (the rerank routes), in errors."""
         if (long_documents or model.long_documents) == "chunk":
             windowed = await self._in_thread(partial(encode_windows, self.encoders[model.name]), items, field,
-                                             chunk_overlap=model.chunk_overlap, max_chunks=model.max_chunks, **kwargs)
+                                             query_field, chunk_overlap=model.chunk_overlap,
+                                             max_chunks=model.max_chunks, **kwargs)
             return windowed.reduce(await self.score(model, windowed.batch)), windowed.num_tokens
-        batch = await self.encode(model, items, field, **kwargs)
+        batch = await self.encode(model, items, field, query_field, **kwargs)
         return await self.score(model, batch), batch.num_tokens
 
     # --- listwise families (models/jina_v3.py): the documents of a request are one list, scored together -------
@@ -205,9 +219,10 @@ class RerankService:
                     ) -> tuple[np.ndarray, int]:
         # A listwise encoder reads the documents of a rank request as ONE list (a /predict pair is a list of one).
         one_list = {"one_list": True} if self._listwise(model) and long_documents != "chunk" else {}
-        return await self.encode_and_score(model, [(query, t) for t in texts], field, long_documents=long_documents,
-                                           truncate=truncate is not False, direction=direction,
-                                           instruction=instruction, max_tokens_per_doc=max_tokens_per_doc, **one_list)
+        return await self.encode_and_score(model, [(query, t) for t in texts], field, query_field="query",
+                                           long_documents=long_documents, truncate=truncate is not False,
+                                           direction=direction, instruction=instruction,
+                                           max_tokens_per_doc=max_tokens_per_doc, **one_list)
 
     # ----------------------------------------------------------------------------------------- routes
     async def rerank(self, req: RerankRequest) -> RerankResponse:
@@ -303,6 +318,8 @@ class RerankService:
             "family": encoder.family,
             "dtype": loaded.get("dtype", model.dtype),
             "device": loaded.get("device", model.resolved_device),
+            # "packed" or "padded", decided by the replica at load (models/scoring.py resolve_execution).
+            "execution": loaded.get("execution"),
             "max_input_length": encoder.max_length,
             "id2label": {str(k): v for k, v in (encoder.id2label or {0: "LABEL_0"}).items()},
             "accepts_single_text": encoder.accepts_single,

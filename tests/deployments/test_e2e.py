@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from tests.deployments import reference as ref
+from tests.serve_helpers import replica_counts
 from tests.tiny_models import DOCS, QUERIES
 
 pytestmark = pytest.mark.slow
@@ -168,6 +169,7 @@ def test_info_models_health_docs(main_url, tiny):
     for name, m in by_name.items():
         assert m["model_id"] == str(tiny[name]) and m["family"] == FAMILY_OF[name]
         assert m["dtype"] == "float32" and m["device"] == "cpu" and m["loaded"] is True
+        assert m["execution"] == "padded"  # auto on CPU, decided by the replica at load
         assert m["revision"] is None and m["id2label"]["0"] == "LABEL_0"
     assert by_name["bert"]["max_input_length"] == 64 and by_name["qwen"]["max_input_length"] == 512
     assert by_name["bert"]["batching"]["token_budget"] == 40
@@ -189,6 +191,12 @@ def test_info_models_health_docs(main_url, tiny):
 
 LONG = " ".join(["berlin has a population"] * 40)
 J = {"content-type": "application/json"}
+# Bodies as a JSON encoder writes a lone UTF-16 surrogate: the escape \ud800 (valid JSON, not valid Unicode).
+SURROGATE_TEXT = json.dumps({"query": "q", "texts": ["a", "b \ud800"], "model": "bert"}).encode()
+SURROGATE_QUERY = json.dumps({"query": "\ud800", "texts": ["a"], "model": "qwen", "long_documents": "chunk"}).encode()
+SURROGATE_DOC = json.dumps({"query": "q", "documents": [{"text": "\udfff"}], "model": "modular"}).encode()
+SURROGATE_PAIR = json.dumps({"inputs": ["q", "x\ud800"], "model": "qwen"}).encode()
+SURROGATE_INSTRUCTION = json.dumps({"query": "q", "texts": ["a"], "model": "qwen", "instruction": "\ud800"}).encode()
 
 
 @pytest.mark.parametrize("method, path, kwargs, status, error_type", [
@@ -213,6 +221,14 @@ J = {"content-type": "application/json"}
      422, "Validation"),
     ("post", "/predict", {"json": {"inputs": "single text", "model": "qwen"}}, 422, "Validation"),
     ("post", "/predict", {"json": {"inputs": ["a", "b", "c"]}}, 422, "Validation"),
+    # Text the tokenizer cannot take (a lone surrogate, a valid JSON escape), on every family and mode.
+    *[("post", route, {"data": body, "headers": J}, 422, "Validation")
+      for route, body in (("/rerank", SURROGATE_TEXT), ("/rerank", SURROGATE_QUERY), ("/v2/rerank", SURROGATE_DOC),
+                          ("/predict", SURROGATE_PAIR), ("/tokenize", SURROGATE_PAIR))],
+    ("post", "/rerank", {"data": SURROGATE_INSTRUCTION, "headers": J}, 422, "Validation"),
+    # An over-long single text with truncate=false: windows are for pairs, so chunk mode refuses it too.
+    ("post", "/predict", {"json": {"inputs": LONG, "truncate": False, "model": "bert", "long_documents": "chunk"}},
+     422, "Validation"),
 ])
 def test_error_table(main_url, method, path, kwargs, status, error_type):
     r = getattr(requests, method)(main_url + path, timeout=60, **kwargs)
@@ -248,25 +264,46 @@ def test_concurrent_burst_each_response_carries_its_own_scores(main_url, tiny):
         model = ("modular", "bert")[i % 2]
         texts = rng.sample(pool, rng.randint(1, 12))
         jobs.append((model, texts))
-    # Bad requests in the same burst: rejected alone, the good ones around them unaffected.
+    # Bad requests in the same burst: rejected alone, the good ones around them unaffected, no replica down.
     bad = [{"query": QUERIES[0], "texts": [LONG], "truncate": False, "model": "bert"},
            {"query": QUERIES[0], "texts": ["a"], "instruction": "x", "model": "modular"},
-           {"query": QUERIES[0], "texts": ["a", 5], "model": "bert"}]
+           {"query": QUERIES[0], "texts": ["a", 5], "model": "bert"},
+           {"query": QUERIES[0], "texts": ["a", "b \ud800"], "model": "bert"},
+           {"query": "\ud800", "texts": ["a"], "model": "modular", "long_documents": "chunk"},
+           {"query": QUERIES[0], "texts": ["a"], "model": "qwen", "instruction": "\udbff"}]
+    bad_predict = [{"inputs": LONG, "truncate": False, "model": "bert", "long_documents": "chunk"},
+                   {"inputs": [["q", "a"], ["q", "\ud800"]], "model": "modular", "long_documents": "chunk"}]
+    # Integers far out of range are clamped: a good request (same scores as without them).
+    clamped = {"query": QUERIES[0], "documents": pool[:5], "model": "bert", "top_n": 2 ** 64,
+               "max_tokens_per_doc": 2 ** 64}
 
     def run_good(job):
         model, texts = job
         return job, post(main_url, "/rerank", {"query": QUERIES[0], "texts": texts, "model": model,
                                                "raw_scores": True})
 
+    def send_raw(path, body):  # json.dumps escapes a lone surrogate as \ud800, as clients' encoders do
+        return requests.post(main_url + path, data=json.dumps(body).encode("ascii"), headers=J, timeout=60)
+
+    before = {m: replica_counts("main", f"model-{m}") for m in ("modular", "bert", "qwen")}
     with ThreadPoolExecutor(16) as ex:
-        bad_futures = [ex.submit(post, main_url, "/rerank", b) for b in bad]
+        bad_futures = [ex.submit(send_raw, "/rerank", b) for b in bad]
+        bad_futures += [ex.submit(send_raw, "/predict", b) for b in bad_predict]
+        clamped_future = ex.submit(post, main_url, "/v2/rerank", clamped)
         results = list(ex.map(run_good, jobs))
     for (model, texts), r in results:
         assert r.status_code == 200, r.text
         got = {x["index"]: x["score"] for x in r.json()}
         assert got == pytest.approx({i: reference[model][t] for i, t in enumerate(texts)}, abs=TOL)
     for f in bad_futures:
-        assert f.result().status_code == 422
+        error_of(f.result(), 422, "Validation")
+    r = clamped_future.result()
+    assert r.status_code == 200 and len(r.json()["results"]) == 5
+    assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == pytest.approx(
+        {i: 1 / (1 + np.exp(-reference["bert"][t])) for i, t in enumerate(pool[:5])}, abs=TOL)
+    # No replica was taken down: the same replicas run, and every model is healthy.
+    assert {m: replica_counts("main", f"model-{m}") for m in before} == before
+    assert requests.get(main_url + "/health", timeout=30).json() == {"status": "ok"}
 
 
 def test_long_documents_chunk_through_the_deployments(main_url, tiny):

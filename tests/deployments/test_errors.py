@@ -6,7 +6,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from deployments.errors import map_ray_exception
-from models.errors import InputTooLongError, ModelLoadError
+from models.errors import DeviceMemoryError, InputError, InputTooLongError, ModelLoadError
 from serve_app.schemas import ApiError
 
 
@@ -48,3 +48,22 @@ def test_errors_raised_in_a_replica_are_unwrapped():
     err = map_ray_exception(_remote(InputTooLongError("input 4 is too long", index=4)))
     assert (err.status, err.error_type) == (422, "Validation") and err.message == "input 4 is too long"
     assert map_ray_exception(_remote(RuntimeError("kernel bug"))).status == 500
+
+
+def test_a_sequence_the_device_had_no_memory_for_is_a_503_from_a_replica():
+    """Raised in a model replica (it crosses Ray pickled) and mapped in the ingress; the replica stays healthy."""
+    import pickle
+
+    exc = pickle.loads(pickle.dumps(DeviceMemoryError("model 'm' ran out of device memory scoring one sequence")))
+    err = map_ray_exception(_remote(exc))
+    assert (err.status, err.error_type) == (503, "Unhealthy") and "ran out of device memory" in err.message
+
+
+def test_input_errors_keep_their_place_across_ray():
+    exc = pickle_round_trip(InputError("the query is not valid Unicode", index=3, field="query"))
+    assert (exc.index, exc.field, str(exc)) == (3, "query", "the query is not valid Unicode")
+
+
+def pickle_round_trip(exc):
+    import pickle
+    return pickle.loads(pickle.dumps(exc))

@@ -78,3 +78,98 @@ def test_the_replica_count_never_waits_on_a_stuck_controller(monkeypatch):
         assert asyncio.run(ask()) < 2
     finally:
         release.set()
+
+
+# --- failover: a call lost with its replica is sent once more -----------------------------------------------------
+
+class FakeHandle:
+    """A deployment handle whose calls answer, in turn, with `outcomes` (an exception is raised, else returned)."""
+
+    app_name, deployment_name = "app", "model-a"
+
+    def __init__(self, outcomes):
+        self.outcomes, self.sent = list(outcomes), []
+        handle = self
+
+        class Method:
+            @staticmethod
+            def remote(batch):
+                handle.sent.append(batch)
+                outcome = handle.outcomes.pop(0)
+
+                class Response:
+                    def __await__(self):
+                        async def answer():
+                            if isinstance(outcome, BaseException):
+                                raise outcome
+                            return outcome
+                        return answer().__await__()
+
+                    def cancel(self):
+                        pass
+
+                return Response()
+
+        self.score = Method()
+
+
+def _remote(exc):
+    from ray.exceptions import RayTaskError
+    try:
+        raise exc
+    except Exception as e:
+        return RayTaskError("score", "Traceback ...", e).as_instanceof_cause()
+
+
+def _lost_errors():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError
+    from ray.serve.exceptions import ReplicaUnavailableError
+    return [ActorDiedError(), ActorUnavailableError("unreachable", None), ReplicaUnavailableError("r1"),
+            ObjectLostError("ab" * 14, "owner", "call site"), _remote(ActorDiedError())]
+
+
+def _score(handle):
+    import asyncio
+
+    from deployments.ingress import HandleBackend, _ServeStatusCache
+    from models.encoded import EncodedBatch
+
+    backend = HandleBackend(handle, _ServeStatusCache())
+    return asyncio.run(backend.score(EncodedBatch.from_lists([[1, 2], [3]])))
+
+
+@pytest.mark.parametrize("lost", range(5))
+def test_a_call_lost_with_its_replica_is_sent_once_more(lost):
+    import numpy as np
+
+    scores = np.array([0.5, -1.0], dtype=np.float32)
+    handle = FakeHandle([_lost_errors()[lost], scores])
+    got = _score(handle)
+    assert got is scores and len(handle.sent) == 2 and handle.sent[0] is handle.sent[1]
+
+
+def test_a_second_loss_is_the_callers_error_and_there_is_no_third_call():
+    from ray.exceptions import ActorDiedError
+
+    from deployments.errors import map_ray_exception
+
+    handle = FakeHandle([ActorDiedError(), ActorDiedError(), None])
+    with pytest.raises(ActorDiedError) as err:
+        _score(handle)
+    assert len(handle.sent) == 2
+    assert (map_ray_exception(err.value).status, map_ray_exception(err.value).error_type) == (503, "Unhealthy")
+
+
+@pytest.mark.parametrize("error", [
+    lambda: _remote(ValueError("the model's own error")),
+    lambda: __import__("ray.serve.exceptions", fromlist=["x"]).BackPressureError(
+        num_queued_requests=1, max_queued_requests=1),
+    lambda: __import__("ray.serve.exceptions", fromlist=["x"]).DeploymentUnavailableError("model-a"),
+    lambda: RuntimeError("anything else"),
+])
+def test_other_failures_are_not_sent_again(error):
+    exc = error()
+    handle = FakeHandle([exc, None])
+    with pytest.raises(type(exc)):
+        _score(handle)
+    assert len(handle.sent) == 1

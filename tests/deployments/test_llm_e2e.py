@@ -104,3 +104,25 @@ def test_long_documents_chunk_on_the_llm_families(llm_app, name):
     for i, (raw, _) in enumerate(expected):
         assert abs(got[i] - 1 / (1 + np.exp(-raw))) <= TOL
     assert r.json()["usage"]["total_tokens"] == sum(len(ids) for _, seqs in expected for ids in seqs)
+
+
+@pytest.mark.parametrize("name", ["st", "mxbai", "gemma"])
+def test_text_the_tokenizer_cannot_take_is_a_422_and_the_model_keeps_serving(llm_app, name):
+    """A lone surrogate (the JSON escape \\ud800) in a document, the query or the instruction of a causal family,
+    in both modes: 422 naming the field (these families answered 500 before), then a good request scores."""
+    import json
+
+    url, dirs = llm_app
+    bodies = [({"query": "q", "documents": ["a", "b\ud800"]}, "`documents[1]`"),
+              ({"query": "\udfff", "documents": ["a"]}, "`query`"),
+              ({"query": "q", "documents": ["a"], "instruction": "\ud800"}, "`instruction`")]
+    for body, field in bodies:
+        for mode in ("truncate", "chunk"):
+            r = requests.post(url + "/v2/rerank", timeout=60, headers={"content-type": "application/json"},
+                              data=json.dumps({**body, "model": name, "long_documents": mode}).encode("ascii"))
+            assert r.status_code == 422 and r.json()["error"].startswith(field), r.text
+    pairs = [(QUERIES[0], DOCS[0])]
+    r = requests.post(url + "/rerank", json={"model": name, "query": QUERIES[0], "texts": [DOCS[0]],
+                                             "raw_scores": True}, timeout=60)
+    assert r.status_code == 200 and r.json()[0]["score"] == pytest.approx(reference(name, dirs[name], pairs)[0],
+                                                                          abs=TOL)

@@ -216,3 +216,56 @@ def test_bad_input_runs_no_probe():
     assert isinstance(run_batch(r, [Work(batch_of([1]), 0.0)])[0], InputError)
     assert r.scorer.calls == [1]
     r.check_health()
+
+
+# --- GPU faults stay local: out of memory fails the batch that caused it, never the replica ---------------------
+
+def test_out_of_memory_on_one_request_fails_it_alone_and_keeps_the_replica_healthy():
+    """What the scorer raises when one sequence does not fit even alone (models/scoring.py): the requests batched
+    with it are scored again without it, the warm-up probe passes, and the replica stays in service."""
+    from models.errors import DeviceMemoryError
+
+    class Tight(FakeScorer):
+        def score(self, batch):
+            self.calls.append(len(batch))
+            if 20 in [int(batch.sequence(i)[0]) for i in range(len(batch))]:
+                raise DeviceMemoryError("model 'm' ran out of device memory scoring one sequence of 9000 tokens")
+            return np.array([int(batch.sequence(i)[0]) for i in range(len(batch))], dtype=np.float32)
+    r = replica(Tight())
+    out = run_batch(r, [Work(batch_of([2], start_id=10), 0.0), Work(batch_of([1], start_id=20), 0.0),
+                        Work(batch_of([3], start_id=30), 0.0)])
+    assert out[0].tolist() == [10] and out[2].tolist() == [30] and isinstance(out[1], DeviceMemoryError)
+    r.check_health()  # not a fatal device error
+    # the merged batch, the warm-up probe (passed), then each request alone (the failing one probed again)
+    assert r.scorer.calls == [3, 2, 1, 1, 2, 1]
+
+
+@pytest.mark.parametrize("error", [
+    lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    lambda: RuntimeError("CUDA error: out of memory"),
+    lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+])
+def test_out_of_memory_is_not_a_fatal_device_error(error):
+    class OnceShort(FakeScorer):
+        def score(self, batch):
+            self.calls.append(len(batch))
+            if len(self.calls) == 1:
+                raise error()
+            return super().score(batch)
+    r = replica(OnceShort())
+    assert isinstance(run_batch(r, [Work(batch_of([1]), 0.0)])[0], RuntimeError)
+    r.check_health()
+    assert run_batch(r, [Work(batch_of([1], start_id=7), 0.0)])[0].tolist() == [7]
+
+
+def test_a_device_that_cannot_run_the_warm_up_any_more_makes_the_replica_unhealthy():
+    import torch
+
+    class Full(FakeScorer):
+        def score(self, batch):
+            self.calls.append(len(batch))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+    r = replica(Full())
+    assert isinstance(run_batch(r, [Work(batch_of([1]), 0.0)])[0], torch.OutOfMemoryError)
+    with pytest.raises(RuntimeError, match="cannot score the warm-up batch any more"):
+        r.check_health()

@@ -162,23 +162,23 @@ def test_xlmr_packed_needs_positions_from_pad_id_plus_one():
 
 
 @pytest.mark.parametrize("build", [_modernbert, _qwen3])
-def test_padded_batches_still_work_under_the_packed_implementation(build):
-    """A scorer can keep "packed" selected and still run padded batches (mask path = stock SDPA)."""
+def test_unpadded_rows_run_under_packed_and_a_padding_mask_is_refused(build):
+    """No mask function is registered for "packed" (transformers would sync the device once per forward looking
+    for packed sequences): rows without cu_seq_lens are whole sequences, and a padding mask, which transformers
+    would then drop, is refused on a model switched with `attention.use`."""
     model = build()
-    seqs = _sequences([4, 9, 30], seed=4)
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    packed_impl = _hidden(model, attention.PACKED, input_ids=ids, attention_mask=mask)
-    sdpa = _hidden(model, "sdpa", input_ids=ids, attention_mask=mask)
-    for i, s in enumerate(seqs):
-        assert (packed_impl[i, :len(s)] - sdpa[i, :len(s)]).abs().max() <= TOL
-    # no mask, no cu_seq_lens: each row is one whole sequence (window and causality still applied)
     rows = torch.tensor(_sequences([30, 30], seed=5))
-    unpadded = _hidden(model, attention.PACKED, input_ids=rows)
+    unpadded = _hidden(model, attention.PACKED, input_ids=rows)  # window and causality still applied
     assert (unpadded - _hidden(model, "sdpa", input_ids=rows)).abs().max() <= TOL
+    attention.use(model, packed=True)
+    mask = torch.ones_like(rows)
+    mask[1, 20:] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="padding attention_mask under packed"):
+        model(input_ids=rows, attention_mask=mask)
+    attention.use(model, packed=False)  # padded batches run under sdpa
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        model(input_ids=rows, attention_mask=mask)
 
 
 def test_no_dense_mask_is_built_for_packed_inputs(monkeypatch):
@@ -215,8 +215,8 @@ def test_backend_selection():
 def test_mismatched_inputs_are_rejected():
     model = _modernbert()
     packed = packing.pack(EncodedBatch.from_lists(_sequences([3, 4])))
-    model.set_attn_implementation(attention.PACKED)
-    with torch.no_grad(), pytest.raises(ValueError, match="either"):
+    attention.use(model, packed=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="padding attention_mask under packed"):
         model(**packed.model_kwargs(), attention_mask=torch.ones(1, packed.num_tokens, dtype=torch.long))
 
 

@@ -239,3 +239,86 @@ def test_query_once_only_for_long_queries(encoders):
     assert enc._encode_one_query(short, enc._cut["right"]) is None  # a short query: pairs encoded as usual
     long_query = " ".join(["berlin"] * (QUERY_ONCE_MIN_TOKENS + 1))
     assert enc._encode_one_query([(long_query, d) for d in DOCS], enc._cut["right"]) is not None
+
+
+# --- the tokenizer boundary: text the tokenizer cannot take is bad input (a 422), never a 500 ---------------------
+
+def _word_level_without_unk():
+    """A real Rust tokenizer that raises on a word outside its vocabulary (no [UNK] token to fall back on)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def test_the_tokenizer_boundary_turns_any_tokenizer_failure_into_an_input_error():
+    from models.encoding import UserTextTokenizer, backend_copy
+
+    tok = backend_copy(_word_level_without_unk(), None)
+    assert isinstance(tok, UserTextTokenizer) and tok.encode("a b").ids == [0, 1]
+    assert [e.ids for e in tok.encode_batch(["a", "b a"])] == [[0], [1, 0]]
+    for call in (lambda: tok.encode("a zz"), lambda: tok.encode_batch(["a", "zz"])):
+        with pytest.raises(InputError, match="tokenizer cannot take this text.*Missing \\[UNK\\]") as err:
+            call()
+        assert err.value.index is None and err.value.__cause__ is not None
+    with pytest.raises(InputError, match="tokenizer cannot take"):  # not valid Unicode, caught at the tokenizer too
+        tok.encode("a \ud800")
+    assert tok.token_to_id("b") == 1  # everything else is the tokenizer's own
+
+
+def test_the_tokenizer_boundary_takes_rust_panics_and_passes_interrupts():
+    from models.encoding import UserTextTokenizer
+
+    class PanicException(BaseException):  # pyo3's panic type derives from BaseException, under this name
+        pass
+
+    class Failing:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def encode(self, *a, **k):
+            raise self.exc
+
+        encode_batch = post_process = encode
+
+    with pytest.raises(InputError, match="PanicException"):
+        UserTextTokenizer(Failing(PanicException("index out of bounds"))).encode_batch(["x"])
+    with pytest.raises(InputError):
+        UserTextTokenizer(Failing(RuntimeError("boom"))).post_process(None)
+    for exc in (KeyboardInterrupt(), SystemExit(1)):
+        with pytest.raises(type(exc)):
+            UserTextTokenizer(Failing(exc)).encode("x")
+    own = InputError("already bad input", index=3)
+    with pytest.raises(InputError) as err:
+        UserTextTokenizer(Failing(own)).encode("x")
+    assert err.value is own
+
+
+@pytest.mark.parametrize("variant", ["bert", "qwen3_tied"])
+def test_text_that_is_not_valid_unicode_is_refused_naming_its_item_and_part(encoders, variant):
+    enc = encoders[variant]
+    cases = [([("q", "d"), ("q", "x\ud800y")], 1, None, "the document"),
+             ([("q", "d"), ("\udfff", "d")], 1, "query", "the query")]
+    for items, index, field, what in cases:
+        with pytest.raises(InputError) as err:
+            enc.encode(items)
+        assert (err.value.index, err.value.field) == (index, field)
+        assert str(err.value).startswith(f"{what} is not valid Unicode") and "'\\ud" in str(err.value)
+    if enc.accepts_instruction:
+        with pytest.raises(InputError) as err:
+            enc.encode([("q", "d")], instruction="\ud800")
+        assert (err.value.index, err.value.field) == (None, "instruction")
+    # Valid non-ASCII text (astral characters included) is untouched.
+    assert len(enc.encode([("café 北京", "naïve 😀")])) == 1
+
+
+@pytest.mark.parametrize("variant", ["bert", "qwen3_tied"])
+def test_max_tokens_per_doc_beyond_any_document_cuts_nothing(encoders, variant):
+    enc = encoders[variant]
+    items = [(QUERIES[0], d) for d in DOCS]
+    want = enc.encode(items)
+    for huge in (2 ** 62, 2 ** 64, 10 ** 30):
+        got = enc.encode(items, max_tokens_per_doc=huge)
+        assert [got.sequence(i).tolist() for i in range(len(items))] == \
+            [want.sequence(i).tolist() for i in range(len(items))]

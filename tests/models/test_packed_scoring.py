@@ -111,11 +111,14 @@ def test_auto_on_cpu_runs_padded_with_sdpa(scorers, variant):
 
 def test_execution_resolution():
     kw = dict(model_id="m")
-    assert resolve_execution("auto", supported=True, device="cuda", dtype="bfloat16", **kw) == "packed"
-    assert resolve_execution("auto", supported=True, device="cuda:1", dtype="float16", **kw) == "packed"
+    ampere = dict(kw, capability=(8, 0))
+    assert resolve_execution("auto", supported=True, device="cuda", dtype="bfloat16", **ampere) == "packed"
+    assert resolve_execution("auto", supported=True, device="cuda:1", dtype="float16", **ampere) == "packed"
+    assert resolve_execution("auto", supported=True, device="cuda", dtype="float16", model_id="m",
+                             capability=(9, 0)) == "packed"
     # fp32 on CUDA: no varlen kernel takes it, so packed would loop per pair
-    assert resolve_execution("auto", supported=True, device="cuda", dtype="float32", **kw) == "padded"
-    assert resolve_execution("auto", supported=False, device="cuda", dtype="bfloat16", **kw) == "padded"
+    assert resolve_execution("auto", supported=True, device="cuda", dtype="float32", **ampere) == "padded"
+    assert resolve_execution("auto", supported=False, device="cuda", dtype="bfloat16", **ampere) == "padded"
     assert resolve_execution("auto", supported=True, device="cpu", dtype="float32", **kw) == "padded"
     assert resolve_execution("packed", supported=True, device="cpu", dtype="float32", **kw) == "packed"
     assert resolve_execution("packed", supported=False, device="cpu", dtype="float32", **kw) == "padded"

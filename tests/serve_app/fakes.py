@@ -76,7 +76,7 @@ class FakeBackend:
         self.table, self.error, self._ready = dict(table or {}), error, ready
         # Else, with word_scores: the raw score of a document is the sum of its words' scores.
         self.word_scores = word_scores
-        self._describe = describe or {"family": "seq_cls", "dtype": "float32", "device": "cpu",
+        self._describe = describe or {"family": "seq_cls", "dtype": "float32", "device": "cpu", "execution": "padded",
                                       "token_budget": 4096, "num_parameters": 123}
         self.calls: list[EncodedBatch] = []
 

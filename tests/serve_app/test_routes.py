@@ -227,6 +227,7 @@ def test_info(client):
     assert bert["name"] == "bert" and bert["model_id"] == "fake/bert" and bert["family"] == "seq_cls"
     assert bert["max_input_length"] == 32 and bert["id2label"] == {"0": "relevant"}
     assert bert["dtype"] == "float32" and bert["device"] == "cpu" and bert["batching"]["token_budget"] == 4096
+    assert bert["execution"] == "padded"  # as the loaded model says (describe)
     assert bert["batching"]["max_fanout"] == 8
     assert qwen["accepts_instruction"] is True and qwen["default_instruction"] == "find it"
     assert info["max_client_batch_size"] == 1000 and info["model_id"] == "fake/bert"
@@ -571,3 +572,15 @@ def test_a_request_may_pass_long_documents_only(field, value):
     client, _ = make_long()
     body = {"query": "q", "texts": ["a"], "long_documents": "chunk", field: value}
     assert field in error_of(client.post("/rerank", json=body), 422, "Validation")
+
+
+def test_chunk_refuses_an_over_long_single_text_with_truncate_false():
+    """Windows apply to the documents of pairs only (API.md 1.6): an over-long single text with truncate=false is
+    the over-long 422 of API.md 3 in either mode, naming the input (tests/serve_app/test_bad_input.py: with
+    truncation it is cut as usual, on real encoders)."""
+    client, backend = make_long()
+    for inputs, where in ((LONG, "`inputs[0]`"), ([["q", "gold"], [LONG]], "`inputs[1]`")):
+        for mode in ("truncate", "chunk"):
+            body = {"inputs": inputs, "truncate": False, "long_documents": mode}
+            assert where in error_of(client.post("/predict", json=body), 422, "Validation")
+    assert backend.calls == []

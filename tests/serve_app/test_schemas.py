@@ -7,7 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from models.errors import InputTooLongError, InstructionNotSupportedError, ModelLoadError, PairRequiredError
+from models.errors import (DeviceMemoryError, InputTooLongError, InstructionNotSupportedError, ModelLoadError,
+                           PairRequiredError)
 from serve_app.schemas import (ApiError, CohereRerankRequest, PredictRequest, RerankRequest, map_exception,
                                predict_items)
 
@@ -72,6 +73,7 @@ def _validation_error(body) -> RequestValidationError:
     (PairRequiredError("pair", index=0), 422, "Validation"),
     (InstructionNotSupportedError("no"), 422, "Validation"),
     (ModelLoadError("org/x", "no network"), 503, "Unhealthy"),
+    (DeviceMemoryError("model 'x' ran out of device memory scoring one sequence"), 503, "Unhealthy"),
     (ZeroDivisionError(), 500, "Internal"),
 ])
 def test_map_exception(exc, status, error_type):
