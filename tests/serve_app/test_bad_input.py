@@ -25,6 +25,12 @@ FAMILIES = ["seq_cls", "modular", "qwen3", "st_causal", "mxbai", "bge_gemma", "j
 MODES = ["truncate", "chunk"]
 
 
+def modes_of(encoder) -> list[str]:
+    """The long-document modes a family takes; "chunk" is refused before any text is read where it cannot chunk
+    (jina_v3, listwise: tests/serve_app/test_listwise_routes.py)."""
+    return MODES if encoder.supports_windows else ["truncate"]
+
+
 class RecordingBackend:
     """Scores every sequence 0.0 and records the batches: what reached the model."""
 
@@ -33,7 +39,7 @@ class RecordingBackend:
 
     async def score(self, batch: EncodedBatch) -> np.ndarray:
         self.calls.append(batch)
-        return np.zeros(len(batch), dtype=np.float32)
+        return np.zeros(batch.num_scores, dtype=np.float32)  # a listwise block has one score per document
 
     async def describe(self):
         return {}
@@ -80,7 +86,7 @@ def error_of(response, status: int, error_type: str) -> str:
     return body["error"]
 
 
-def surrogate_cases(family: str, accepts_instruction: bool):
+def surrogate_cases(family: str, accepts_instruction: bool, modes: list[str]):
     """(route, body, field the error must name, whether the refusal is the text's) for every text field."""
     q, d = QUERIES[0], DOCS[0]
     bad = f"abc {SURROGATE} def"
@@ -107,8 +113,7 @@ def surrogate_cases(family: str, accepts_instruction: bool):
     for route, body, field in cases:
         # A model without instructions refuses the field itself (naming it); every other case is the text's.
         own = "instruction" not in body or accepts_instruction
-        modes = [None] if route == "/tokenize" else MODES
-        for mode in modes:
+        for mode in [None] if route == "/tokenize" else modes:
             yield route, body if mode is None else {**body, "long_documents": mode}, field, own
 
 
@@ -118,14 +123,15 @@ def test_a_lone_surrogate_in_any_field_is_a_422_naming_it(app, family):
     backend = service.backends[family]
     backend.calls.clear()
     seen = 0
-    for route, body, field, own in surrogate_cases(family, service.encoders[family].accepts_instruction):
+    encoder = service.encoders[family]
+    for route, body, field, own in surrogate_cases(family, encoder.accepts_instruction, modes_of(encoder)):
         r = post_raw(client, route, {**body, "model": family})
         message = error_of(r, 422, "Validation")
         assert message.startswith(field + ": "), (route, body, message)
         if own:
             assert "surrogate" in message and "'\\ud800'" in message, (route, message)
         seen += 1
-    assert seen == 2 * (3 + 4 + 4 + 5) + 5
+    assert seen == len(modes_of(encoder)) * (3 + 4 + 4 + 5) + 5
     assert backend.calls == []  # nothing reached the model
     # The same service answers good requests as before.
     assert client.post("/rerank", json={"model": family, "query": "q", "texts": ["a"]}).status_code == 200
@@ -208,7 +214,7 @@ def test_any_tokenizer_failure_on_user_text_is_a_422(app, family):
         if encoder.accepts_instruction:
             bodies.append(("/rerank", {"query": QUERIES[0], "texts": [DOCS[0]], "instruction": bad}))
         for route, body in bodies:
-            for mode in MODES:
+            for mode in modes_of(encoder):
                 r = client.post(route, json={**body, "model": family, "long_documents": mode})
                 assert "tokenizer cannot take this text" in error_of(r, 422, "Validation"), (route, body, mode)
         assert backend.calls == []
@@ -224,7 +230,7 @@ def test_over_long_single_text_with_truncate_false_is_a_422_in_both_modes(app, f
     encoder, backend = service.encoders[family], service.backends[family]
     backend.calls.clear()
     long = " ".join([DOCS[1]] * 40)
-    for mode in MODES:
+    for mode in modes_of(encoder):
         for inputs, where in ((long, "`inputs[0]`"), ([[QUERIES[0], DOCS[0]], [long]], "`inputs[1]`")):
             body = {"model": family, "inputs": inputs, "truncate": False, "long_documents": mode}
             message = error_of(client.post("/predict", json=body), 422, "Validation")
@@ -232,7 +238,7 @@ def test_over_long_single_text_with_truncate_false_is_a_422_in_both_modes(app, f
             assert ("maximum" in message) if encoder.accepts_single else ("pairs only" in message)
     assert backend.calls == []
     if encoder.accepts_single:  # truncated, as in "truncate" mode, when truncation is on
-        for mode in MODES:
+        for mode in modes_of(encoder):
             assert client.post("/predict", json={"model": family, "inputs": long, "long_documents": mode}
                                ).status_code == 200
         assert [b.lengths.tolist() for b in backend.calls] == [[encoder.max_length]] * 2
@@ -246,7 +252,7 @@ def test_integers_far_out_of_range_are_clamped_on_every_family(app, family, huge
     client, service = app
     backend = service.backends[family]
     docs = [DOCS[0], DOCS[1] * 3, DOCS[3]]
-    for mode in MODES:
+    for mode in modes_of(service.encoders[family]):
         backend.calls.clear()
         body = {"model": family, "query": QUERIES[0], "documents": docs, "long_documents": mode}
         plain = client.post("/v2/rerank", json=body)
