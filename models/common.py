@@ -125,7 +125,8 @@ def from_pretrained(model_id: str, model_cls, path: Path, *, quiet_unexpected: b
     try:
         model, info = model_cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except Exception as e:
-        raise ModelLoadError(model_id, f"cannot load the weights: {type(e).__name__}: {e}", file=str(path)) from e
+        # The cause is in the message; transformers' chained traceback would only bury it in the replica's log.
+        raise ModelLoadError(model_id, f"cannot load the weights: {type(e).__name__}: {e}", file=str(path)) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if info.get("missing_keys"):
