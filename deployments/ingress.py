@@ -105,7 +105,16 @@ def deployment_readiness(status: Any, app_name: str, deployment_name: str) -> tu
     state = getattr(deployment.status, "value", deployment.status)  # a str Enum in Ray
     if deployment.replica_states.get("RUNNING", 0) > 0 or state in _SERVING_STATUSES:
         return True, "ok"
-    return False, f"no running replica (deployment {state}: {deployment.message})"
+    return False, f"no running replica (deployment {state}: {_brief(deployment.message)})"
+
+
+def _brief(message: str) -> str:
+    """A deployment's status message without the traceback Ray puts in it after a failed start: the error itself
+    (the traceback's last line) says why, in one line that /health and a 503 can carry."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    if not any("Traceback (most recent call last)" in line for line in lines):
+        return " ".join(lines)
+    return lines[-1]
 
 
 def _serve_request_id() -> str:
