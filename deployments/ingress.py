@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import map_ray_exception
+from deployments.metrics import ClusterMetrics, IngressMetrics
 from models.encoded import EncodedBatch
 from serve_app.routes import create_http_app
 from serve_app.schemas import ApiError
@@ -139,6 +140,10 @@ class Ingress:
         status = _ServeStatusCache()
         backends = {name: HandleBackend(handle, status) for name, handle in handles.items()}
         self.service = RerankService(settings, encoders, backends)
+        # GET /metrics: this application's series, gathered from every node (deployments/metrics.py).
+        self.request_metrics = IngressMetrics()
+        self.cluster_metrics = ClusterMetrics(serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self):
-        return create_http_app(self.service, request_id=_serve_request_id, map_error=map_ray_exception)
+        return create_http_app(self.service, request_id=_serve_request_id, map_error=map_ray_exception,
+                               observe=self.request_metrics.observe, metrics=self.cluster_metrics.text)
