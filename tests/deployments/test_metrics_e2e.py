@@ -3,12 +3,15 @@ holds this application's series with exactly those counts (requests, errors by t
 latencies), gathered from Ray's metrics agent, and it needs the API key."""
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import REPO_ROOT
 from tests.deployments.conftest import run_app
 
 pytestmark = pytest.mark.slow
@@ -94,3 +97,23 @@ def test_metrics_count_this_apps_requests_across_its_replicas(metered_url):
     apps = {s.labels.get("application") for samples in families.values() for s in samples} - {None}
     assert apps == {"metered"}, apps
     assert {s.labels["state"]: s.value for s in families["rerank_metrics_nodes"]} == {"scraped": 1.0, "failed": 0.0}
+
+
+def test_the_grafana_dashboard_queries_series_the_service_exports(metered_url):
+    """Every metric deploy/grafana-dashboard.json queries is in /metrics once the app has served requests."""
+    dashboard = json.loads((REPO_ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    assert exprs and all(exprs)
+    wanted = {name for expr in exprs for name in re.findall(r"\b(?:ray|rerank)_[a-z_]+\b", expr)}
+    for _ in range(2):  # something for every series: a scored request, a batch, an error
+        requests.post(metered_url + "/rerank", headers=KEY, json={"query": "q", "texts": DOCS}, timeout=60)
+    requests.post(metered_url + "/rerank", headers=KEY, json={"query": "", "texts": ["a"]}, timeout=30)
+    deadline = time.monotonic() + 90
+    while True:
+        families = scrape(metered_url)
+        exported = {s.name for samples in families.values() for s in samples}
+        missing = wanted - exported
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"the dashboard queries series /metrics does not have: {sorted(missing)}"
+        time.sleep(1)
