@@ -105,15 +105,17 @@ def test_health_turns_503_when_a_models_replicas_are_gone(serve_url, tiny, tmp_p
 
 
 def test_a_model_that_cannot_load_fails_the_deploy_with_its_name(serve_url, tiny, tmp_path):
-    """Config and tokenizer fine (passes the build-time check), weights corrupt: the replica fails to load."""
+    """Config and tokenizer fine (passes the build-time check), weights corrupt: the replica fails to load. The
+    application's other model keeps serving."""
     from ray import serve
 
     model_dir = copy_model(tiny["bert"], tmp_path / "broken-bert")
     (model_dir / "model.safetensors").write_bytes(b"definitely not safetensors")
     start = time.monotonic()
     with pytest.raises(Exception) as e:
-        run_app({"models": [{"name": "broken", "model_id": str(model_dir), "num_cpus": 0.25}], "api_key": None},
-                name="broken", route_prefix="/broken")
+        run_app({"models": [{"name": "broken", "model_id": str(model_dir), "num_cpus": 0.25},
+                            {"name": "sound", "model_id": str(tiny["bert"]), "num_cpus": 0.25}],
+                 "api_key": None}, name="broken", route_prefix="/broken")
     elapsed = time.monotonic() - start
     url = serve_url + "/broken"
     try:
@@ -129,8 +131,11 @@ def test_a_model_that_cannot_load_fails_the_deploy_with_its_name(serve_url, tiny
         why = error_of(r, 503, "Unhealthy")
         assert "broken (no running replica (deployment DEPLOY_FAILED: " in why and "cannot load model" in why, why
         assert "Traceback" not in why
+        assert "sound" not in why
         error_of(requests.post(url + "/rerank", json={"query": "q", "texts": ["a"]}, timeout=60), 503, "Unhealthy")
         error_of(requests.get(url + "/nowhere", timeout=30), 404, "NotFound")
+        ok = requests.post(url + "/rerank", json={"model": "sound", "query": "q", "texts": ["a", "b"]}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()) == 2, ok.text
     finally:
         serve.delete("broken")
 
