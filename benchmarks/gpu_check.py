@@ -15,8 +15,8 @@ The limits share --budget-s (default 470 s: the whole check fits in 8 minutes on
 the remaining time in proportion to its weight, so time a stage leaves unused goes to the later ones.
 
 Runs without flash-attn and without a package index: everything is built locally from random weights, and the
-dependencies may come from an offline bundle on PYTHONPATH (/work/shared/gpu/make-offline-bundle.sh; ignored
-folder `.gpu-bundle/`). HF_HUB_OFFLINE=1 is set for the stages when unset; TOKENIZERS_PARALLELISM is left alone.
+dependencies may come from an offline bundle on PYTHONPATH (the git-ignored folder `.gpu-bundle/` is meant for
+one). HF_HUB_OFFLINE=1 is set for the stages when unset; TOKENIZERS_PARALLELISM is left alone.
 --device cpu --quick: the same stages, small, on CPU (the CI smoke of this script; no GPU figures).
 Exit status 1 when a stage failed or timed out.
 """

@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import map_ray_exception, replica_lost
+from deployments.metrics import ClusterMetrics, IngressMetrics
 from models.encoded import EncodedBatch
 from serve_app.routes import create_http_app
 from serve_app.schemas import ApiError
@@ -125,7 +126,16 @@ def deployment_readiness(status: Any, app_name: str, deployment_name: str) -> tu
     state = getattr(deployment.status, "value", deployment.status)  # a str Enum in Ray
     if deployment.replica_states.get("RUNNING", 0) > 0 or state in _SERVING_STATUSES:
         return True, "ok"
-    return False, f"no running replica (deployment {state}: {deployment.message})"
+    return False, f"no running replica (deployment {state}: {_brief(deployment.message)})"
+
+
+def _brief(message: str) -> str:
+    """A deployment's status message without the traceback Ray puts in it after a failed start: the error itself
+    (the traceback's last line) says why, in one line that /health and a 503 can carry."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    if not any("Traceback (most recent call last)" in line for line in lines):
+        return " ".join(lines)
+    return lines[-1]
 
 
 def _serve_request_id() -> str:
@@ -150,6 +160,10 @@ class Ingress:
         status = _ServeStatusCache()
         backends = {name: HandleBackend(handle, status) for name, handle in handles.items()}
         self.service = RerankService(settings, encoders, backends)
+        # GET /metrics: this application's series, gathered from every node (deployments/metrics.py).
+        self.request_metrics = IngressMetrics()
+        self.cluster_metrics = ClusterMetrics(serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self):
-        return create_http_app(self.service, request_id=_serve_request_id, map_error=map_ray_exception)
+        return create_http_app(self.service, request_id=_serve_request_id, map_error=map_ray_exception,
+                               observe=self.request_metrics.observe, metrics=self.cluster_metrics.text)

@@ -81,7 +81,9 @@ class _Metrics:
                                     "start of the forward batch.", boundaries=latency_s, tag_keys=tags)
         self.latency = Histogram("rerank_request_latency_seconds", description="Scoring time of a request "
                                  "in the replica, queueing included.", boundaries=latency_s, tag_keys=tags)
-        for m in (self.pairs, self.tokens, self.fill, self.queue_wait, self.latency):
+        self.batch_sequences = Histogram("rerank_batch_sequences", description="Sequences of a forward batch.",
+                                         boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096], tag_keys=tags)
+        for m in (self.pairs, self.tokens, self.fill, self.queue_wait, self.latency, self.batch_sequences):
             m.set_default_tags({"model": model_name})
 
 
@@ -184,6 +186,7 @@ class ModelReplica:
             logger.warning("batch of %d requests failed (%r); scoring them one by one", len(works), exc)
             return [await self._forward_or_error(w.batch) for w in works]
         self.metrics.fill.observe(merged.num_tokens / self.token_budget)
+        self.metrics.batch_sequences.observe(len(merged))
         bounds = np.cumsum([0] + [w.batch.num_scores for w in works])
         return [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 

@@ -4,8 +4,10 @@ normalize=False: raw = logit("Yes") at the last token.
 Input, from separately tokenized pieces (no special tokens added by the tokenizer):
     [bos] + "A: {query}" + "\\n" + "B: {passage}" + "\\n" + prompt
 "A: {query}" is cut to 3/4 of the passage length L and "B: {passage}" to L; then "\\n" + "B: ..." is cut so the
-part before the last "\\n" fits L + |"\\n"| + |prompt|. L is FlagEmbedding's `max_length` (512 by default); our
-max input length counts the whole input with the default prompt: L + 2 × (|"\\n"| + |default prompt|).
+part before the last "\\n" fits L + |"\\n"| + |prompt|. L is FlagEmbedding's `max_length`. Our max input length
+(API.md 1.5) counts the whole input with the default prompt, so L = max input length − 2 × (|"\\n"| + |default
+prompt|); the max input length is the smaller of the tokenizer's real `model_max_length` and the position limit,
+or, with no real tokenizer limit, FlagEmbedding's default L of 512 plus that overhead.
 Cuts keep the start (Right) or the end (Left) of a piece, as the tokenizer's `truncation_side` does.
 A request's `instruction` replaces the prompt (FlagEmbedding's `prompt`).
 
@@ -17,7 +19,7 @@ import re
 from pathlib import Path
 
 from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep
-from .common import load_config, position_limit, resolve_max_length
+from .common import load_config, position_limit, real_tokenizer_limit, resolve_max_length
 from .encoded import EncodedBatch
 from .encoding import check_items
 from .errors import InputTooLongError, ModelLoadError
@@ -111,10 +113,14 @@ class BgeGemmaEncoder(PiecesEncoder):
 
 
 def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> BgeGemmaEncoder:
+    """Max input length (API.md 1.5): the configured one, else the smaller of the tokenizer's real limit and the
+    position limit; with no real tokenizer limit, FlagEmbedding's default passage length plus the prompt overhead
+    (capped by the position limit). The encoder's passage length L is that minus the overhead."""
     tok = load_tokenizer(model_id, model_dir, config)
-    limit = resolve_max_length(model_id, configured=max_length, file_configured=None, tokenizer_max=None,
-                               pos_limit=position_limit(config),
-                               default=DEFAULT_PASSAGE_LENGTH + _overhead(tok, DEFAULT_PROMPT))
+    tokenizer_max = real_tokenizer_limit(getattr(tok, "model_max_length", None))
+    default = None if tokenizer_max else DEFAULT_PASSAGE_LENGTH + _overhead(tok, DEFAULT_PROMPT)
+    limit = resolve_max_length(model_id, configured=max_length, file_configured=None, tokenizer_max=tokenizer_max,
+                               pos_limit=position_limit(config), default=default)
     return BgeGemmaEncoder(family=NAME, model_id=model_id, tokenizer=tok, max_length=limit, id2label={0: "LABEL_0"},
                            positions=position_limit(config))
 

@@ -63,6 +63,13 @@ def position_limit(config) -> int | None:
     return mpe
 
 
+def real_tokenizer_limit(model_max_length: Any) -> int | None:
+    """A tokenizer's `model_max_length` when it is a real limit; None for transformers' "no limit" placeholder."""
+    if isinstance(model_max_length, int) and 0 < model_max_length < _NO_LIMIT:
+        return model_max_length
+    return None
+
+
 def resolve_max_length(model_id: str, *, configured: int | None, file_configured: int | None,
                        tokenizer_max: int | None, pos_limit: int | None, default: int | None = None) -> int:
     """The max input length rule (API.md 1.5).
@@ -79,8 +86,7 @@ def resolve_max_length(model_id: str, *, configured: int | None, file_configured
         return configured
     if file_configured is not None:
         return min(file_configured, pos_limit) if pos_limit is not None else file_configured
-    candidates = [x for x in (tokenizer_max if tokenizer_max and tokenizer_max < _NO_LIMIT else None,
-                              pos_limit, default) if x]
+    candidates = [x for x in (real_tokenizer_limit(tokenizer_max), pos_limit, default) if x]
     if not candidates:
         raise ModelLoadError(model_id, "no max input length known: set max_length in the deployment config")
     return min(candidates)
@@ -125,7 +131,8 @@ def from_pretrained(model_id: str, model_cls, path: Path, *, quiet_unexpected: b
     try:
         model, info = model_cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except Exception as e:
-        raise ModelLoadError(model_id, f"cannot load the weights: {type(e).__name__}: {e}", file=str(path)) from e
+        # The cause is in the message; transformers' chained traceback would only bury it in the replica's log.
+        raise ModelLoadError(model_id, f"cannot load the weights: {type(e).__name__}: {e}", file=str(path)) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if info.get("missing_keys"):

@@ -83,43 +83,89 @@ def resolve_model_dir(model_id: str, revision: str | None = None, token: str | N
     local = Path(model_id).expanduser()
     if local.is_dir():
         return local
-    if is_local_path(model_id) or local.exists() or not _REPO_ID.match(model_id):
-        raise ModelLoadError(model_id, "no such local directory, and not a valid Hugging Face Hub repo id")
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hf_errors
-
+    _check_id(model_id, local)
     token = token or os.environ.get("HF_TOKEN") or None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline:
+    if _offline():
+        return _cached_or_offline_error(model_id, revision, token)
+    endpoint = _endpoint()
+    try:
+        files = _hub_files(model_id, revision, token, endpoint)
+    except _HubUnreachable:  # no network, DNS, TLS, timeouts, 5xx: use the cache if it has the model
         cached = _cached_snapshot(model_id, revision, token)
         if cached is None:
-            raise ModelLoadError(model_id, "HF_HUB_OFFLINE is set and the model is not in the local cache")
+            raise
         return cached
-
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    try:
-        files = _list_files(model_id, revision, token, endpoint)
-    except hf_errors.RepositoryNotFoundError as e:
-        raise ModelLoadError(model_id, "repository not found on the Hub (or private: set HF_TOKEN)") from e
-    except hf_errors.RevisionNotFoundError as e:
-        raise ModelLoadError(model_id, f"revision {revision!r} not found") from e
-    except hf_errors.GatedRepoError as e:
-        raise ModelLoadError(model_id, "gated repository: accept its terms and set HF_TOKEN") from e
-    except Exception as e:  # no network, DNS, TLS, timeouts, 5xx: use the cache if it has the model
-        cached = _cached_snapshot(model_id, revision, token)
-        if cached is not None:
-            return cached
-        raise ModelLoadError(model_id, f"cannot reach the Hugging Face Hub at {endpoint} "
-                                       f"({type(e).__name__}: {e}) and the model is not cached") from e
     wanted = needed_files(files)
-    if "config.json" not in wanted and "modules.json" not in wanted:
-        raise ModelLoadError(model_id, "the repository has no config.json", file="config.json")
+    from huggingface_hub import snapshot_download
+
     try:
         return Path(snapshot_download(model_id, revision=revision, token=token, allow_patterns=wanted,
                                       endpoint=endpoint, cache_dir=_cache_dir()))
-    except Exception as e:
-        raise ModelLoadError(model_id, f"download failed ({type(e).__name__}: {e})") from e
+    except Exception as e:  # the cause is in the message: no chained traceback of the HTTP stack in the logs
+        raise ModelLoadError(model_id, f"download failed ({type(e).__name__}: {e})") from None
+
+
+def check_available(model_id: str, revision: str | None = None, token: str | None = None) -> str:
+    """Whether the model can be fetched, without downloading it: "local" (a directory), "cache" (a snapshot in
+    the local Hub cache) or "hub" (the Hub lists its files, a config among them). A ModelLoadError otherwise, with
+    the same causes and messages as `resolve_model_dir`; one request, bounded by HF_HUB_ETAG_TIMEOUT."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return "local"
+    _check_id(model_id, local)
+    token = token or os.environ.get("HF_TOKEN") or None
+    if _cached_snapshot(model_id, revision, token) is not None:
+        return "cache"
+    if _offline():
+        raise ModelLoadError(model_id, "HF_HUB_OFFLINE is set and the model is not in the local cache")
+    _hub_files(model_id, revision, token, _endpoint())
+    return "hub"
+
+
+def _check_id(model_id: str, local: Path) -> None:
+    if is_local_path(model_id) or local.exists() or not _REPO_ID.match(model_id):
+        raise ModelLoadError(model_id, "no such local directory, and not a valid Hugging Face Hub repo id")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def _cached_or_offline_error(model_id: str, revision: str | None, token: str | None) -> Path:
+    cached = _cached_snapshot(model_id, revision, token)
+    if cached is None:
+        raise ModelLoadError(model_id, "HF_HUB_OFFLINE is set and the model is not in the local cache")
+    return cached
+
+
+class _HubUnreachable(ModelLoadError):
+    """The Hub did not answer (the caller may still find the model in the local cache)."""
+
+
+def _hub_files(model_id: str, revision: str | None, token: str | None, endpoint: str) -> list[str]:
+    """The repository's file list, checked to hold a config. Each failure is a ModelLoadError whose message
+    carries the cause, raised `from None`: the HTTP library's chained tracebacks would bury it in the logs."""
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        files = _list_files(model_id, revision, token, endpoint)
+    except hf_errors.RepositoryNotFoundError:
+        raise ModelLoadError(model_id, "repository not found on the Hub (or private: set HF_TOKEN)") from None
+    except hf_errors.RevisionNotFoundError:
+        raise ModelLoadError(model_id, f"revision {revision!r} not found") from None
+    except hf_errors.GatedRepoError:
+        raise ModelLoadError(model_id, "gated repository: accept its terms and set HF_TOKEN") from None
+    except Exception as e:  # no network, DNS, TLS, timeouts, 5xx
+        raise _HubUnreachable(model_id, f"cannot reach the Hugging Face Hub at {endpoint} "
+                                       f"({type(e).__name__}: {e}) and the model is not cached") from None
+    wanted = needed_files(files)
+    if "config.json" not in wanted and "modules.json" not in wanted:
+        raise ModelLoadError(model_id, "the repository has no config.json", file="config.json")
+    return files
 
 
 def count_parameters(model: str | Path, revision: str | None = None, token: str | None = None,

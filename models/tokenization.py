@@ -17,7 +17,7 @@ def load_tokenizer(model_id: str, tokenizer_dir: Path, config=None):
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), **({"config": config} if config is not None else {}))
     except Exception as e:
         raise ModelLoadError(model_id, f"cannot load the tokenizer: {type(e).__name__}: {e}",
-                             file=str(tokenizer_dir)) from e
+                             file=str(tokenizer_dir)) from None  # the cause is in the message
     if not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
         raise ModelLoadError(model_id, "the tokenizer has no fast (tokenizers) backend; a tokenizer.json is needed",
                              file=str(tokenizer_dir))

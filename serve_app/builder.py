@@ -4,14 +4,20 @@ No `from __future__ import annotations` here: Ray reads the builder's parameter 
 to validate `serve run` / `serve deploy` args into `AppSettings`.
 """
 import logging
+import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import click
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 
 from autoscaling import autoscaling_options
-from models.hub import count_parameters, is_local_path
+from models.errors import ModelLoadError
+from models.hub import check_available, count_parameters, is_local_path
 from serve_app.resources import gpu_ingress_replicas, gpu_node_cpus
 from serve_app.settings import AppSettings, ModelSettings, deployment_name
 
@@ -19,6 +25,25 @@ logger = logging.getLogger(__name__)
 
 COUNT_TIMEOUT_S = 5.0  # at most this long to size the models from the Hub (then: "unknown size")
 UNCOUNTED = object()  # deployment_options: count the parameters itself
+FETCH_CHECK_TIMEOUT_S = 10.0  # at most this long to learn that every Hub model can be fetched (all at once)
+SKIP_FETCH_CHECK_ENV = "RERANK_SKIP_FETCH_CHECK"
+
+
+class ModelUnavailableError(ModelLoadError, RayServeException, click.ClickException):
+    """Models that cannot be fetched, found by `build_app` before anything deploys: one short message.
+
+    Its bases are how each caller of the builder shows an error without a traceback: `serve run <import path>`
+    (click) prints a ClickException's message alone and exits 1; Ray's build task of `serve run <config>` /
+    `serve deploy` puts a RayServeException's message alone into the application's status (the controller logs it
+    once); Python callers catch it as the ModelLoadError it is.
+    """
+
+    def __init__(self, message: str, model_id: str):
+        ModelLoadError.__init__(self, model_id, message)
+        click.ClickException.__init__(self, message)  # the message alone is what str() and click show
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def deployment_options(model: ModelSettings, hf_token: str | None = None,
@@ -52,7 +77,20 @@ def deployment_options(model: ModelSettings, hf_token: str | None = None,
     if options["max_queued_requests"] >= 0:
         # Over the queue limit a caller gets a 429 with Retry-After instead of waiting without end.
         options["backpressure_config"] = {"status_code": 429, "retry_after_s": model.retry_after_s}
+    options["max_constructor_retry_count"] = constructor_tries(options)
     return options
+
+
+def constructor_tries(options: dict[str, Any]) -> int:
+    """Constructor failures that fail a new deployment: one per replica it starts with (Ray's default: three
+    each, up to 20). A replica that cannot load its model (missing or corrupt files, a model too big for its
+    device) fails the same way every time, and each failure prints a traceback. Once a replica has started,
+    Ray keeps replacing failed ones regardless."""
+    scaling = options.get("autoscaling_config")
+    if scaling is None:
+        replicas = options.get("num_replicas", 1)
+        return max(1, replicas) if isinstance(replicas, int) else 1  # "auto": Ray's autoscaling starts at 1
+    return max(1, int(scaling.get("initial_replicas") or 0), int(scaling.get("min_replicas") or 0))
 
 
 def model_size(model: ModelSettings, hf_token: str | None = None) -> int | None:
@@ -120,6 +158,7 @@ def ingress_options(settings: AppSettings) -> dict[str, Any]:
         options["autoscaling_config"] = ingress.autoscaling_config.given()
     else:
         options["num_replicas"] = ingress_replicas(settings)
+    options["max_constructor_retry_count"] = constructor_tries(options)
     return options
 
 
@@ -144,6 +183,59 @@ def check_model_source(model: ModelSettings) -> None:
         raise ModelLoadError(model.model_id, f"model {model.name!r}: no such local directory {str(path)!r}")
 
 
+def check_models_fetchable(settings: AppSettings, timeout_s: float | None = None) -> None:
+    """Every Hub model can be fetched (it is cached here, or the Hub lists its files), else one short
+    ModelUnavailableError naming each model that cannot, why, and how to serve a local directory instead.
+
+    Without it, a model that cannot be fetched fails in every replica constructor (the ingress's tokenizer and
+    the model's weights), each printing a traceback, and the proxy answers plain text. The models are looked up
+    at once; a lookup that has not answered within `timeout_s` counts as an unreachable Hub. Skipped when
+    $RERANK_SKIP_FETCH_CHECK is set (a cluster whose builder node cannot reach the Hub but the model nodes can).
+    """
+    if os.environ.get(SKIP_FETCH_CHECK_ENV, "").lower() in ("1", "true", "yes", "on"):
+        return
+    timeout_s = FETCH_CHECK_TIMEOUT_S if timeout_s is None else timeout_s
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    remote = [m for m in settings.models if not Path(m.model_id).expanduser().is_dir()]
+    if not remote:
+        return
+    failures: dict[str, str] = {}
+
+    def check(model: ModelSettings) -> None:
+        try:
+            where = check_available(model.model_id, revision=model.revision, token=token)
+            logger.info("model %r: %s found (%s)", model.name, model.model_id, where)
+        except ModelLoadError as e:
+            failures[model.name] = e.cause
+        except Exception as e:  # noqa: BLE001 - anything else is still a model that cannot be fetched
+            failures[model.name] = f"{type(e).__name__}: {e}"
+
+    # Daemon threads: a lookup stuck in DNS past its own timeout never holds up the build or the exit.
+    threads = [threading.Thread(target=check, args=(m,), name="fetch-check", daemon=True) for m in remote]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for model, t in zip(remote, threads):
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive() and model.name not in failures:
+            failures[model.name] = f"the Hugging Face Hub did not answer within {timeout_s:g}s"
+    if failures:
+        failed = {m.name: failures[m.name] for m in remote if m.name in failures}  # in the settings' order
+        raise ModelUnavailableError(unavailable_message(settings, failed), settings.model(next(iter(failed))).model_id)
+
+
+def unavailable_message(settings: AppSettings, failures: dict[str, str]) -> str:
+    """What failed and why, one line per model, then how to serve a local directory instead."""
+    lines = []
+    for name, cause in failures.items():
+        model_id = settings.model(name).model_id
+        lines.append(f"cannot fetch model {name!r}{f' ({model_id})' if model_id != name else ''}: {cause}")
+    lines.append("To serve a copy on disk instead, give its directory as the model_id "
+                 "(serve run serve_app:build_app model_id=/path/to/model, or `model_id: /path/to/model` in the "
+                 "config); a model downloaded before is served from the Hugging Face cache.")
+    return "\n".join(lines)
+
+
 def build_app(args: AppSettings) -> Application:
     """The application of `serve run`/`serve deploy` (import path `serve_app:build_app`).
 
@@ -157,6 +249,7 @@ def build_app(args: AppSettings) -> Application:
     hf_token = settings.hf_token.get_secret_value() if settings.hf_token else None
     for model in settings.models:
         check_model_source(model)
+    check_models_fetchable(settings)
     sizes = model_sizes(settings.models, hf_token)
     handles = {}
     for model in settings.models:

@@ -7,13 +7,15 @@ process with a fake service backend.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import time
 import uuid
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import TypeAdapter
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,6 +33,14 @@ BODY_ROUTES = frozenset({"/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/to
 PUBLIC_ROUTES = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 429, 503)}
+# The `route` label of the request metrics: the app's own routes, every other path counted as "other" (a label
+# value per requested path would let clients create series without end).
+METERED_ROUTES = BODY_ROUTES | {"/health", "/info", "/v1/models", "/metrics"}
+_MODEL_KEY = "rerank.model"  # the scope["state"] entry where a route notes the model a request is for
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text exposition
+
+# (route, model, status, error_type, seconds) of every answered request; error_type "" for a success.
+RequestObserver = Callable[[str, str, int, str, float], None]
 
 
 def _body(shape: Any) -> tuple[dict, Callable[[Any], bytes]]:
@@ -124,6 +134,51 @@ class RequestGuard:
         await error_response(err)(scope, receive, send)
 
 
+class RequestMetrics:
+    """ASGI middleware outside every other: reports each answered request to `observe` (route, model, status,
+    error_type, seconds), whoever answered it (the guard, a framework error, a route). The model is what the route
+    noted in the scope's state ("" where no route ran or the request names no model); error_type is read from the
+    JSON error body (API.md section 3)."""
+
+    def __init__(self, app: Any, *, observe: RequestObserver):
+        self.app, self.observe = app, observe
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path = _route_path(scope)
+        state = scope.setdefault("state", {})
+        answer = {"status": 500, "body": b""}
+
+        async def noting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+            elif message["type"] == "http.response.body" and answer["status"] >= 400:
+                answer["body"] += message.get("body", b"")[:4096]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        finally:
+            try:
+                self.observe(path if path in METERED_ROUTES else "other", state.get(_MODEL_KEY, ""),
+                             answer["status"], _error_type(answer["status"], answer["body"]),
+                             time.perf_counter() - start)
+            except Exception:  # noqa: BLE001 - metrics must never fail a request
+                logger.warning("request metrics not recorded", exc_info=True)
+
+
+def _error_type(status: int, body: bytes) -> str:
+    if status < 400:
+        return ""
+    try:
+        return str(json.loads(body)["error_type"])
+    except Exception:  # noqa: BLE001 - an error body that is not ours (cannot happen through create_http_app)
+        return "Internal" if status >= 500 else "Error"
+
+
 def _replay(body: bytes, receive: Callable) -> Callable:
     """A `receive` that hands the already-read body to the app once, then defers to the real one."""
     sent = False
@@ -143,15 +198,28 @@ def _default_request_id() -> str:
 
 
 def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _default_request_id,
-                    map_error: Callable[[BaseException], ApiError] = map_exception) -> FastAPI:
+                    map_error: Callable[[BaseException], ApiError] = map_exception,
+                    observe: RequestObserver | None = None,
+                    metrics: Callable[[], Awaitable[str]] | None = None) -> FastAPI:
     """The FastAPI app of API.md over `service`; `request_id` names a request (Ray Serve's id in replicas),
-    `map_error` turns any exception into its JSON error (the ingress adds Ray's exceptions)."""
+    `map_error` turns any exception into its JSON error (the ingress adds Ray's exceptions), `observe` is told of
+    every answered request (RequestMetrics) and `metrics` gives GET /metrics its Prometheus text (the ingress
+    gathers the cluster's, deployments/metrics.py)."""
     app = FastAPI(
         title="rerank-serve", version=VERSION,
         description="Rerankers of several families behind one endpoint: TEI `/rerank` and `/predict`, "
                     "Cohere-compatible `/v1/rerank` and `/v2/rerank`. Errors are `{error, error_type}`.")
     app.add_middleware(RequestGuard, max_body_bytes=service.settings.max_body_bytes,
                        api_key=service.settings.api_key.get_secret_value() if service.settings.api_key else None)
+    if observe is not None:
+        app.add_middleware(RequestMetrics, observe=observe)  # added last: outermost, it sees the guard's answers
+    served = set(service.model_names)
+
+    def for_model(request: Request, name: str | None) -> None:
+        """Note the model a request is for, for RequestMetrics; a name nothing serves is "unknown" (a label value
+        per made-up name would let clients create series without end)."""
+        name = service.settings.default_model if name is None else name
+        request.scope.setdefault("state", {})[_MODEL_KEY] = name if name in served else "unknown"
     # Only for /docs: declares the bearer scheme so the page's "Authorize" button works (RequestGuard checks).
     bearer = [Security(HTTPBearer(auto_error=False))] if service.settings.api_key else []
 
@@ -191,27 +259,32 @@ def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _
 
     @app.post("/rerank", dependencies=bearer, responses=rerank_docs,
               summary="Rerank texts against a query (text-embeddings-inference)")
-    async def rerank(body: RerankRequest) -> Response:
+    async def rerank(body: RerankRequest, request: Request) -> Response:
+        for_model(request, body.model)
         return await respond(service.rerank(body), rerank_json)
 
     @app.post("/predict", dependencies=bearer, responses=predict_docs,
               summary="Score one text, a pair, or a batch of them (text-embeddings-inference)")
-    async def predict(body: PredictRequest) -> Response:
+    async def predict(body: PredictRequest, request: Request) -> Response:
+        for_model(request, body.model)
         return await respond(service.predict(body), predict_json)
 
     @app.post("/v1/rerank", dependencies=bearer, responses=cohere_docs,
               summary="Rerank documents (Cohere v1 / Jina / vLLM compatible)")
-    async def rerank_v1(body: CohereRerankRequest) -> Response:
+    async def rerank_v1(body: CohereRerankRequest, request: Request) -> Response:
+        for_model(request, body.model)
         return await respond(service.cohere_rerank(body, request_id()), cohere_json)
 
     @app.post("/v2/rerank", dependencies=bearer, responses=cohere_docs,
               summary="Rerank documents (Cohere v2 compatible)")
-    async def rerank_v2(body: CohereRerankRequest) -> Response:
+    async def rerank_v2(body: CohereRerankRequest, request: Request) -> Response:
+        for_model(request, body.model)
         return await respond(service.cohere_rerank(body, request_id()), cohere_json)
 
     @app.post("/tokenize", dependencies=bearer, responses=tokenize_docs,
               summary="The token ids and tokens a model scores, after templating and truncation")
-    async def tokenize(body: TokenizeRequest) -> Response:
+    async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+        for_model(request, body.model)
         return await respond(service.tokenize(body), tokenize_json)
 
     @app.get("/info", dependencies=bearer, summary="Version, default model, and every model's settings")
@@ -232,5 +305,16 @@ def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _
         if ok:
             return JSONResponse({"status": "ok"})
         return error_response(ApiError(503, "Unhealthy", why))
+
+    @app.get("/metrics", dependencies=bearer, responses={200: {"content": {"text/plain": {}}}, **_ERRORS},
+             response_class=PlainTextResponse,
+             summary="Prometheus text: every model's metrics across all its replicas (needs the key when one is set)")
+    async def prometheus_metrics() -> Response:
+        if metrics is None:
+            return error_response(ApiError(503, "Unhealthy", "metrics are not collected by this server"))
+        try:
+            return Response(await metrics(), media_type=METRICS_TYPE)
+        except Exception as exc:  # an unreadable cluster is a JSON error like any other
+            return error_response(map_error(exc))
 
     return app

@@ -144,9 +144,11 @@ def _gemma_tokenizer(extra_corpus: list[str]):
     return GemmaTokenizer(vocab=model["vocab"], merges=merges)
 
 
-def build_bge_gemma(path: str | os.PathLike, *, seed: int = 31, positions: int = 1024, tied: bool = True) -> Path:
+def build_bge_gemma(path: str | os.PathLike, *, seed: int = 31, positions: int = 1024, tied: bool = True,
+                    model_max_length: int | None = None) -> Path:
     """bge-reranker-v2-gemma's layout: a plain GemmaForCausalLM (multi-query attention) and a Gemma tokenizer; the
-    folder name is what marks it."""
+    folder name is what marks it. `model_max_length`: a real limit saved with the tokenizer (default: none, as the
+    published tokenizer_config.json's placeholder)."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
     from models.bge_gemma import DEFAULT_PROMPT
@@ -163,6 +165,8 @@ def build_bge_gemma(path: str | os.PathLike, *, seed: int = 31, positions: int =
         with torch.no_grad():
             model.lm_head.weight.normal_(0, 0.5)
     model.save_pretrained(path)
+    if model_max_length is not None:
+        tok.model_max_length = model_max_length
     tok.save_pretrained(path)
     return path
 

@@ -53,7 +53,8 @@ def replica(scorer, budget: int) -> ModelReplica:
     r.settings = ModelSettings(name="m", model_id="org/m")
     r.scorer, r.token_budget, r._fatal = scorer, budget, None
     r._executor = ThreadPoolExecutor(1)
-    r.metrics = type("M", (), {k: _NoMetric() for k in ("pairs", "tokens", "fill", "queue_wait", "latency")})()
+    r.metrics = type("M", (), {k: _NoMetric() for k in ("pairs", "tokens", "fill", "queue_wait", "latency",
+                                                         "batch_sequences")})()
     r.work = WorkTracker(token_budget=budget)
     # Ray keeps ONE batch queue per decorated function, bound to the event loop that first used it: each
     # test gets its own queue (the same batch body and token counting as the class's) for its own loop.

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from tests.deployments.conftest import copy_model, run_app
+from tests.serve_helpers import wait_for
 from tests.tiny_models import DOCS
 
 pytestmark = pytest.mark.slow
@@ -104,24 +105,93 @@ def test_health_turns_503_when_a_models_replicas_are_gone(serve_url, tiny, tmp_p
 
 
 def test_a_model_that_cannot_load_fails_the_deploy_with_its_name(serve_url, tiny, tmp_path):
-    """Config and tokenizer fine (passes the build-time check), weights corrupt: the replica fails to load."""
+    """Config and tokenizer fine (passes the build-time check), weights corrupt: the replica fails to load. The
+    application's other model keeps serving."""
     from ray import serve
 
     model_dir = copy_model(tiny["bert"], tmp_path / "broken-bert")
     (model_dir / "model.safetensors").write_bytes(b"definitely not safetensors")
     start = time.monotonic()
     with pytest.raises(Exception) as e:
-        run_app({"models": [{"name": "broken", "model_id": str(model_dir), "num_cpus": 0.25}], "api_key": None},
-                name="broken", route_prefix="/broken")
+        run_app({"models": [{"name": "broken", "model_id": str(model_dir), "num_cpus": 0.25},
+                            {"name": "sound", "model_id": str(tiny["bert"]), "num_cpus": 0.25}],
+                 "api_key": None}, name="broken", route_prefix="/broken")
     elapsed = time.monotonic() - start
+    url = serve_url + "/broken"
     try:
         assert "model-broken" in str(e.value)  # the deployment of the model named "broken"
         deployment = serve.status().applications["broken"].deployments["model-broken"]
         print(f"failed deploy reported in {elapsed:.1f}s: {str(e.value)[:200]} / {deployment.message[-800:]}")
         assert "cannot load model" in deployment.message and str(model_dir) in deployment.message
+        # A load failure is the same on every try: one constructor run per replica, one traceback in the logs.
+        assert "failed to start 1 times in a row" in deployment.message
         assert elapsed < 120
+        # The ingress runs: every answer is JSON, and /health names the model and the error (not a traceback).
+        r = wait_for_json(url + "/health")
+        why = error_of(r, 503, "Unhealthy")
+        assert "broken (no running replica (deployment DEPLOY_FAILED: " in why and "cannot load model" in why, why
+        assert "Traceback" not in why
+        assert "sound" not in why
+        error_of(requests.post(url + "/rerank", json={"query": "q", "texts": ["a"]}, timeout=60), 503, "Unhealthy")
+        error_of(requests.get(url + "/nowhere", timeout=30), 404, "NotFound")
+        ok = requests.post(url + "/rerank", json={"model": "sound", "query": "q", "texts": ["a", "b"]}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()) == 2, ok.text
     finally:
         serve.delete("broken")
+
+
+def wait_for_json(url: str, timeout_s: float = 60):
+    """The first answer that is the ingress's (JSON), not the proxy's while the ingress replica starts."""
+    deadline, r = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        r = requests.get(url, timeout=30)
+        if r.headers.get("content-type", "").startswith("application/json"):
+            return r
+        time.sleep(0.5)
+    raise AssertionError(f"no JSON answer from {url} in {timeout_s}s: {r.status_code if r else None} "
+                         f"{r.text if r else ''}")
+
+
+def test_a_config_whose_model_cannot_be_fetched_fails_with_the_message_alone(serve_url, tmp_path):
+    """`serve run <config>` / `serve deploy` build the app in Ray's controller: an unreachable Hub fails the build
+    with build_app's short message as the application's status (no traceback), and nothing is deployed: the
+    proxy holds no route for it (alone on the port, it answers Ray's plain-text 404, as the README says)."""
+    import socket
+
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    with socket.socket() as sock:  # a port nobody listens on: the Hub refuses at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = ServeDeploySchema.model_validate({"applications": [{
+        "name": "unfetchable", "route_prefix": "/unfetchable", "import_path": "serve_app:build_app",
+        "args": {"model_id": "org/no-such-reranker", "api_key": None},
+        "runtime_env": {"env_vars": {"HF_ENDPOINT": f"http://127.0.0.1:{port}",
+                                     "HF_HUB_CACHE": str(tmp_path / "empty-cache")}}}]})
+    client = serve.context._get_global_client()
+    start = time.monotonic()
+    client.deploy_apps(config, _blocking=False)
+    try:
+        def failed():
+            app = serve.status().applications.get("unfetchable")
+            return app is not None and str(getattr(app.status, "value", app.status)) == "DEPLOY_FAILED"
+
+        wait_for(failed, 90, "the build of app 'unfetchable' to fail")
+        print(f"build failed {time.monotonic() - start:.1f}s after the deploy")
+        app = serve.status().applications["unfetchable"]
+        message = app.message
+        assert message.startswith("Deploying app 'unfetchable' failed with exception:\n"
+                                  "cannot fetch model 'org/no-such-reranker': cannot reach the Hugging Face Hub at "
+                                  f"http://127.0.0.1:{port}"), message
+        assert "model_id=/path/to/model" in message and "Traceback" not in message
+        assert len(message.splitlines()) == 3
+        assert not app.deployments
+        r = requests.get(serve_url + "/-/routes", timeout=30)  # Ray's proxy: route prefix -> app
+        routes = r.json() if r.status_code == 200 else {}  # else 503 text: "Route table is not populated yet."
+        assert "/unfetchable" not in routes and "unfetchable" not in routes.values(), routes
+    finally:
+        serve.delete("unfetchable")
 
 
 def test_a_model_that_loads_but_cannot_run_fails_the_deploy_at_warm_up(serve_url, tiny, tmp_path):

@@ -31,6 +31,20 @@ def test_deployment_readiness(dep_status, running, ok):
         assert dep_status.value in why
 
 
+def test_a_failed_start_is_explained_by_its_error_not_its_traceback():
+    """Ray's message after a failed start ends with the constructor's traceback; /health carries the error line."""
+    message = ("The deployment failed to start 1 times in a row. This may be due to a problem with its constructor "
+               "or initial health check failing. See controller logs for details. Error:\n"
+               "Traceback (most recent call last):\n  File \"/x/replica.py\", line 3, in initialize\n    raise\n"
+               "models.errors.ModelLoadError: cannot load model '/m/broken' (file model.safetensors): corrupt\n")
+    failed = status(DeploymentStatus.DEPLOY_FAILED)
+    failed.applications["app"].deployments["model-a"].message = message
+    ok, why = deployment_readiness(failed, "app", "model-a")
+    assert not ok
+    assert why == ("no running replica (deployment DEPLOY_FAILED: models.errors.ModelLoadError: cannot load model "
+                   "'/m/broken' (file model.safetensors): corrupt)")
+
+
 def test_missing_deployment_or_app_is_not_ready():
     assert deployment_readiness(status(DeploymentStatus.HEALTHY, 1), "app", "model-b")[0] is False
     assert deployment_readiness(status(DeploymentStatus.HEALTHY, 1), "other", "model-a")[0] is False

@@ -87,8 +87,11 @@ class FakeScorer:
 
 
 class _NoMetric:
-    def observe(self, *_):
-        pass
+    def __init__(self):
+        self.seen = []
+
+    def observe(self, value, *_):
+        self.seen.append(value)
 
     def inc(self, *_):
         pass
@@ -100,7 +103,8 @@ def replica(scorer, budget=100) -> ModelReplica:
     r.settings = ModelSettings(name="m", model_id="org/m")
     r.scorer, r.token_budget, r._fatal = scorer, budget, None
     r._executor = ThreadPoolExecutor(1)
-    r.metrics = type("M", (), {k: _NoMetric() for k in ("pairs", "tokens", "fill", "queue_wait", "latency")})()
+    r.metrics = type("M", (), {k: _NoMetric() for k in ("pairs", "tokens", "fill", "queue_wait", "latency",
+                                                         "batch_sequences")})()
     return r
 
 
@@ -115,6 +119,7 @@ def test_batch_body_runs_one_forward_and_splits_scores_back_per_request():
     out = run_batch(r, works)
     assert r.scorer.calls == [6]
     assert [o.tolist() for o in out] == [[10, 11], [20], [30, 31, 32]]
+    assert r.metrics.batch_sequences.seen == [6]  # the batch size metric: sequences of the one forward
 
 
 def test_a_failing_request_fails_alone():

@@ -123,6 +123,33 @@ def test_default_length_matches(bge_dirs, bge_scorers):
     assert np.abs(scorer.score(batch) - ref).max() <= TOL
 
 
+def test_a_real_tokenizer_limit_bounds_the_input_and_sets_flag_embeddings_length(tmp_path):
+    """API.md 1.5 as for every family: a tokenizer model_max_length that is a real limit (128 here) is the max input
+    length, capped by the positions; FlagEmbedding's max_length L is that minus the prompt overhead, and long pairs
+    score as FlagLLMReranker does at L."""
+    path = build_bge_gemma(tmp_path / "limited" / "bge-reranker-v2-gemma", seed=33, model_max_length=128)
+    scorer = load_scorer(str(path), dtype="float32", device="cpu")
+    assert scorer.max_length == scorer.encoder.max_length == 128
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    overhead = 2 * (len(tok.encode("\n", add_special_tokens=False)) + len(tok.encode(DEFAULT_PROMPT,
+                                                                                    add_special_tokens=False)))
+    length = 128 - overhead
+    assert scorer.encoder.passage_length == length and length > 32
+    ref, rows = reference(path, PAIRS, max_length=length)
+    batch = scorer.encoder.encode(PAIRS)
+    assert [batch.sequence(i).tolist() for i in range(len(PAIRS))] == rows
+    assert max(len(r) for r in rows) <= 128
+    with pytest.raises(InputTooLongError):  # the limit cut some pairs: the comparison covers truncation
+        scorer.encoder.encode(PAIRS, truncate=False)
+    assert np.abs(scorer.score(batch) - ref).max() <= TOL
+    # The positions still bound it: a tokenizer limit above them gives way.
+    capped = build_bge_gemma(tmp_path / "capped" / "bge-reranker-v2-gemma", seed=34, positions=200,
+                             model_max_length=4096)
+    assert load_encoder(str(capped)).max_length == 200
+
+
 def test_packed_equals_padded(bge_dirs, bge_scorers):
     padded = bge_scorers("tied")
     packed = bge_scorers("tied", execution="packed", token_budget=300)

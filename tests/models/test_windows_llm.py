@@ -279,3 +279,21 @@ def test_the_fit_boundary(llm, name, max_length):
     assert windowed.chunked.tolist() == [False, True]
     assert windowed.batch.sequence(0).tolist() == scorer.encoder.encode(pairs[:1]).sequence(0).tolist()
     assert len(windowed.batch.sequence(0)) == max_length
+
+
+def test_bge_gemma_windows_at_its_tokenizers_limit(tmp_path):
+    """No max_length configured: bge-reranker-v2-gemma's max input length is its tokenizer's real limit (128), and
+    long documents are windows of it, each scored as FlagEmbedding's reference input at L = 128 - overhead."""
+    path = build_bge_gemma(tmp_path / "bge-reranker-v2-gemma", seed=46, model_max_length=128)
+    scorer = load_scorer(str(path), dtype="float32", device="cpu")
+    assert scorer.encoder.max_length == 128
+    ref = Reference("bge", path, 128)
+    assert scorer.encoder.passage_length == ref.passage_length
+    pairs = [(QUERY, LONG_DOC), ("how many people live in berlin", LONG_DOC), (QUERY, SHORT_DOC)]
+    windowed = encode_windows(scorer.encoder, pairs)
+    got = windowed.reduce(scorer.score(windowed.batch))
+    expected, sequences = zip(*(ref.raw(q, d) for q, d in pairs))
+    assert windowed.counts.tolist() == [len(s) for s in sequences] and windowed.counts.tolist()[:2] != [1, 1]
+    assert [windowed.batch.sequence(i).tolist() for i in range(len(windowed.batch))] == \
+        [ids for seqs in sequences for ids in seqs]
+    assert np.abs(got - np.array(expected)).max() <= TOL, (got, expected)

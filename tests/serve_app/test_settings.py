@@ -187,7 +187,13 @@ def test_build_app_sizes_local_models_from_their_safetensors(tmp_path):
     assert scaling.upscale_delay_s == 5 and scaling.downscale_delay_s == 120  # "tiny", not the unknown "small"
 
 
-def test_build_app_never_stalls_on_an_unreachable_hub(monkeypatch):
+@pytest.fixture()
+def no_fetch_check(monkeypatch):
+    """build_app without its check that Hub models can be fetched: these tests bind made-up Hub ids."""
+    monkeypatch.setenv("RERANK_SKIP_FETCH_CHECK", "1")
+
+
+def test_build_app_never_stalls_on_an_unreachable_hub(monkeypatch, no_fetch_check):
     """Sizing Hub models asks the Hub for headers; a silent network costs one bounded wait, not one per model."""
     import time
 
@@ -220,7 +226,7 @@ def test_ingress_options():
     assert ingress_options(s)["num_replicas"] == 2 and ingress_options(s)["ray_actor_options"] == {"num_cpus": 0.5}
 
 
-def test_build_app_takes_a_dict_or_settings_and_binds_one_deployment_per_model():
+def test_build_app_takes_a_dict_or_settings_and_binds_one_deployment_per_model(no_fetch_check):
     raw = {"models": [{"name": "a", "model_id": "org/a"}, {"name": "b", "model_id": "org/b", "num_gpus": 1}],
            "default_model": "b"}
     for args in (raw, AppSettings.model_validate(raw)):
@@ -308,7 +314,7 @@ def test_one_model_shorthand_rejects_bad_args(raw, fragment):
     assert fragment in str(e.value)
 
 
-def test_serve_run_key_value_args_build_the_one_model_app():
+def test_serve_run_key_value_args_build_the_one_model_app(no_fetch_check):
     """Ray's own `serve run` path: its CLI arg parsing, then its call of a pydantic-annotated builder."""
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.scripts import convert_args_to_dict
