@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.deployments.conftest import copy_model, run_app
-from tests.serve_helpers import wait_for
+from tests.serve_helpers import running_replicas, wait_for
 from tests.tiny_models import DOCS
 
 pytestmark = pytest.mark.slow
@@ -126,6 +126,9 @@ def test_a_model_that_cannot_load_fails_the_deploy_with_its_name(serve_url, tiny
         # A load failure is the same on every try: one constructor run per replica, one traceback in the logs.
         assert "failed to start 1 times in a row" in deployment.message
         assert elapsed < 120
+        # The other model may still be starting when the broken one has failed: /health names only the broken one
+        # once the sound one runs.
+        wait_for(lambda: running_replicas("broken", "model-sound") >= 1, 120, "the sound model's replica")
         # The ingress runs: every answer is JSON, and /health names the model and the error (not a traceback).
         r = wait_for_json(url + "/health")
         why = error_of(r, 503, "Unhealthy")
