@@ -12,6 +12,7 @@ from ray.serve import Application
 
 from autoscaling import autoscaling_options
 from models.hub import count_parameters, is_local_path
+from serve_app import placement
 from serve_app.resources import gpu_ingress_replicas, gpu_node_cpus
 from serve_app.settings import AppSettings, ModelSettings, deployment_name
 
@@ -139,6 +140,19 @@ def check_model_source(model: ModelSettings) -> None:
         raise ModelLoadError(model.model_id, f"model {model.name!r}: no such local directory {str(path)!r}")
 
 
+def check_placement(settings: AppSettings, model_options: dict[str, dict[str, Any]],
+                    nodes: list[placement.Node] | None = None) -> None:
+    """Fail the build, naming the models, when Ray could never place every replica the deploy starts on the
+    running cluster (`nodes`, default: looked up; only a cluster that cannot grow is checked): a replica that
+    cannot be placed would stay pending for ever (serve_app/placement.py)."""
+    nodes = placement.fixed_cluster_nodes() if nodes is None else nodes
+    if nodes is None:
+        return
+    demands = [placement.demand_of(f"model {name!r}", options) for name, options in model_options.items()]
+    demands.append(placement.demand_of("the ingress", ingress_options(settings)))
+    placement.check(demands, nodes)
+
+
 def build_app(args: AppSettings) -> Application:
     """The application of `serve run`/`serve deploy` (import path `serve_app:build_app`).
 
@@ -153,8 +167,7 @@ def build_app(args: AppSettings) -> Application:
     for model in settings.models:
         check_model_source(model)
     sizes = model_sizes(settings.models, hf_token)
-    handles = {}
-    for model in settings.models:
-        options = deployment_options(model, hf_token, num_parameters=sizes.get(model.name))
-        handles[model.name] = ModelDeployment.options(**options).bind(model, hf_token)
+    options = {m.name: deployment_options(m, hf_token, num_parameters=sizes.get(m.name)) for m in settings.models}
+    check_placement(settings, options)
+    handles = {m.name: ModelDeployment.options(**options[m.name]).bind(m, hf_token) for m in settings.models}
     return Ingress.options(**ingress_options(settings)).bind(settings, handles)
