@@ -142,7 +142,8 @@ def demand_of(who: str, options: dict[str, Any]) -> Demand:
     scaling = options.get("autoscaling_config")
     if scaling is not None:
         scaling = scaling if isinstance(scaling, dict) else dict(scaling)
-        replicas = max(int(scaling.get("min_replicas") or 0), int(scaling.get("initial_replicas") or 0))
+        # Ray's AutoscalingConfig starts min_replicas (default 1), or initial_replicas when given.
+        replicas = max(int(scaling.get("min_replicas", 1)), int(scaling.get("initial_replicas") or 0))
     else:
         replicas = int(options.get("num_replicas", 1))
     return Demand(who, replicas, float(actor.get("num_cpus", 1.0)), float(actor.get("num_gpus", 0) or 0),

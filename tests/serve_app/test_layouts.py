@@ -96,6 +96,9 @@ def test_demand_follows_the_deployment_options():
     assert demand_of("m", deployment_options(to_zero, num_parameters=None)).replicas == 1  # the preset starts one
     cold = ModelSettings(model_id="org/a", autoscaling_config={"preset": "scale-to-zero", "initial_replicas": 0})
     assert demand_of("m", deployment_options(cold, num_parameters=None)).replicas == 0
+    # The ingress's own Ray autoscaling_config: Ray starts min_replicas, 1 when not given.
+    assert demand_of("i", {"ray_actor_options": {"num_cpus": 0.25}, "autoscaling_config": {"max_replicas": 4}}) \
+        == Demand("i", 1, 0.25)
 
 
 def test_no_check_without_a_fixed_cluster():
