@@ -107,10 +107,8 @@ class CpuShare:
         self._census_at = 0.0
         self._alive_checked = 0.0
         self.last_threads: int | None = None
-        self.waited_s = 0.0  # total time spent waiting for slots (for /info and benchmarks)
-        self.forwards = 0
         self._fds: list[int] = []
-        self._membership = self._join_node()
+        self._join_node()  # its lock fd is kept in self._fds for the replica's lifetime
         self._turnstile = self._open(self.dir / "turnstile")
         self._slots = [self._open(self.dir / f"slot-{i}") for i in range(self.cpus)]
         self._doorbell = self._open_doorbell(self.dir / "doorbell")
@@ -244,17 +242,13 @@ class CpuShare:
         with self._lock:
             self._stamp(_BUSY_NS + time.time_ns())  # counted as active while it waits and runs
             try:
-                want, need = self.wanted()
-                start = time.perf_counter()
-                held = self._acquire(want, need)
-                self.waited_s += time.perf_counter() - start
+                held = self._acquire(*self.wanted())
                 threads = self.fixed if self.fixed is not None else len(held)
                 try:
                     if threads != self.last_threads:
                         self.last_threads = threads
                         self._write_record()
                         self._stamp(_BUSY_NS + time.time_ns())  # the write moved the stamp to now
-                    self.forwards += 1
                     yield threads
                 finally:
                     self._release(held)
