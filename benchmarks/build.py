@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .workload import QWEN3_06B, ettin_config
+from .workload import QWEN3_06B, TINY_MODELS, ettin_config
 
 NUM_WORDS = 4000
 MODELS = ("ettin-17m", "ettin-150m", "qwen3-0.6b")  # the pairwise harness (run.py)
@@ -100,7 +100,14 @@ def jina_tokenizer():
     return qwen_tokenizer(tuple(JINA_MARKERS), (block_prompt("query", ["passage"], "instruction"),))
 
 
-def build_ettin(path: Path, name: str, seed: int = 0) -> Path:
+def _modernbert_config(name: str, tok, **shape):
+    return ettin_config(name, pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id,
+                        sep_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                        **shape)
+
+
+def build_ettin(path: Path, name: str, seed: int = 0, shape: dict | None = None) -> Path:
+    """ettin's modular cross-encoder, with the real shape of `name` (or `shape` over it)."""
     from sentence_transformers import CrossEncoder
     from sentence_transformers.base.modules import Dense, Transformer
     from sentence_transformers.sentence_transformer.modules import LayerNorm, Pooling
@@ -108,8 +115,7 @@ def build_ettin(path: Path, name: str, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tok = modernbert_tokenizer()
-    cfg = ettin_config(name, pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id,
-                       sep_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    cfg = _modernbert_config(name, tok, **(shape or {}))
     backbone = path.parent / (path.name + "_backbone")
     ModernBertModel(cfg).save_pretrained(backbone)
     tok.save_pretrained(backbone)
@@ -121,12 +127,13 @@ def build_ettin(path: Path, name: str, seed: int = 0) -> Path:
     return path
 
 
-def build_qwen3(path: Path, seed: int = 0, layers: int | None = None) -> Path:
+def build_qwen3(path: Path, seed: int = 0, shape: dict | None = None, layers: int | None = None) -> Path:
+    """Qwen3-Reranker-0.6B's layout and shape (or `shape` over it; `layers`: a shallower model of its widths)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     tok = qwen_tokenizer()
-    shape = {**QWEN3_06B, **({"num_hidden_layers": layers} if layers else {})}
+    shape = {**QWEN3_06B, **(shape or {}), **({"num_hidden_layers": layers} if layers else {})}
     cfg = Qwen3Config(**shape, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     # bf16 on disk as the real checkpoint; loaders up-cast where they run fp32.
@@ -185,6 +192,25 @@ def save_jina_reranker(backbone, projector, tokenizer, path: Path) -> Path:
     return path
 
 
+def build_seq_cls(path: Path, kind: str, shape: dict, seed: int = 0) -> Path:
+    """A *ForSequenceClassification reranker (one label) with the benchmark tokenizer: BERT (absolute positions,
+    token types) or ModernBERT (gte-reranker-modernbert's mean classifier pooling)."""
+    from transformers import BertConfig, BertForSequenceClassification, ModernBertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tok = modernbert_tokenizer()
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=len(tok), max_position_embeddings=512, type_vocab_size=2,
+                         pad_token_id=tok.pad_token_id, num_labels=1, **shape)
+        model = BertForSequenceClassification(cfg)
+    else:
+        cfg = _modernbert_config("ettin-17m", tok, classifier_pooling="mean", num_labels=1, **shape)
+        model = ModernBertForSequenceClassification(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def build(name: str, root: Path, layers: int | None = None) -> Path:
     """The model directory of `name` under `root`, built once (reused when already complete). `layers`: a
     shallower model of the same widths (quick runs; its own directory)."""
@@ -198,7 +224,15 @@ def build(name: str, root: Path, layers: int | None = None) -> Path:
         build_qwen3(path, layers=layers)
     elif name == JINA:
         build_jina(path, layers=layers)
+    elif name in TINY_MODELS:
+        kind, shape, seed = TINY_MODELS[name]
+        if kind == "modular":
+            build_ettin(path, "ettin-17m", seed, shape)
+        elif kind == "qwen3":
+            build_qwen3(path, seed, shape)
+        else:
+            build_seq_cls(path, kind, shape, seed)
     else:
-        raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS + (JINA,)}")
+        raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS + (JINA,) + tuple(TINY_MODELS)}")
     marker.write_text("ok")
     return path

@@ -50,6 +50,26 @@ QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
 JINA_V3_06B = {**QWEN3_06B, "vocab_size": 151936, "max_position_embeddings": 131072}
 
 
+# Small models in the real layouts, for the multi-model benchmark (benchmarks/multi_model.py): name -> (kind, shape
+# overrides of the real configuration above, seed). Kinds: "modular" (ettin's modular cross-encoder layout),
+# "bert" / "modernbert" (*ForSequenceClassification), "qwen3" (Qwen3-Reranker's layout).
+TINY_MODELS = {
+    "modular-1": ("modular", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2), 11),
+    "modular-2": ("modular", dict(hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=2), 12),
+    "modular-3": ("modular", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2), 13),
+    "seq-cls-bert-1": ("bert", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+                       21),
+    "seq-cls-bert-2": ("bert", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+                       22),
+    "seq-cls-modernbert": ("modernbert", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                              num_attention_heads=2), 23),
+    "qwen3-1": ("qwen3", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=16, max_position_embeddings=1024), 31),
+    "qwen3-2": ("qwen3", dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=24, max_position_embeddings=1024), 32),
+}
+
+
 def ettin_config(name: str, **overrides):
     """A ModernBertConfig with ettin's real shape: vocab 50368, head_dim 64, every 3rd layer global, the rest a
     +-64 window (local_attention 128), rope theta 160000 for global AND local layers."""

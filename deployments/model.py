@@ -19,6 +19,7 @@ from autoscaling import WorkTracker
 from models.cutting import plan_groups, scatter
 from models.encoded import EncodedBatch
 from models.errors import InputError
+from serve_app.cpu_share import CpuShare
 from serve_app.resources import model_torch_threads, usable_cpus
 from serve_app.settings import ModelSettings
 
@@ -97,8 +98,14 @@ class _TokenBudgetWarningFilter(logging.Filter):
 class ModelReplica:
     """The model deployment's class; `ModelDeployment` below is it wrapped by `@serve.deployment`."""
 
+    # A CPU replica's place in its node's CPU registry (serve_app/cpu_share.py): each forward holds CPU slots.
+    cpu_share: CpuShare | None = None
+    # A fractional GPU share's memory cap (models/device_share.py), None otherwise.
+    gpu_memory: Any = None
+
     def __init__(self, model: ModelSettings, hf_token: str | None = None):
-        from models import load_scorer
+        from models import ModelLoadError, load_scorer
+        from models.device_share import cap_gpu_memory, share_token_budget, within_share
 
         self.settings = model
         device = model.resolved_device
@@ -106,6 +113,12 @@ class ModelReplica:
         self.cpus_seen = usable_cpus()
         threads, self.threads_from = model_torch_threads(model.num_cpus, device, self.cpus_seen)
         self.torch_threads = threads
+        if device == "cpu":
+            # The CPU replicas of a node share its CPUs: each forward runs as many threads as it holds slots, so
+            # together they never run more compute threads than the node has CPUs (serve_app/cpu_share.py).
+            self.cpu_share = CpuShare(_node_key(), cpus=self.cpus_seen, model=model.name,
+                                      threads=threads if model.num_cpus is not None else None)
+            _one_interop_thread()
         if threads is not None:
             import torch
             torch.set_num_threads(threads)  # Ray sets 1 (OMP_NUM_THREADS) in an actor of fractional num_cpus
@@ -113,17 +126,29 @@ class ModelReplica:
         # is set where the work runs, and the pool stays warm instead of moving between to_thread workers.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model.name}",
                                             initializer=_set_torch_threads, initargs=(threads,))
-        logger.info("loading model %r from %s (revision %s, family %s, dtype %s, device %s)", model.name,
-                    model.model_id, model.revision or "default", model.family, model.dtype, device)
+        if device == "cuda":
+            try:  # before the weights load: a model its share cannot hold fails here, not at its first request
+                self.gpu_memory = cap_gpu_memory(model.num_gpus)
+            except ValueError as exc:
+                raise ModelLoadError(model.model_id, f"model {model.name!r}: invalid GPU share: {exc}; raise "
+                                                     "num_gpus") from None
+        logger.info("loading model %r from %s (revision %s, family %s, dtype %s, device %s%s)", model.name,
+                    model.model_id, model.revision or "default", model.family, model.dtype, device,
+                    f", {self.gpu_memory}" if self.gpu_memory else "")
         start = time.perf_counter()
-        self.scorer = load_scorer(model.model_id, revision=model.revision, family=model.family,
-                                  dtype=model.dtype, device=device, max_length=model.max_length,
-                                  token=hf_token, token_budget=model.token_budget)
-        # Fail the deploy now, with the model and the cause, if no forward can run (a kernel the installed torch
-        # lacks, a dtype the device refuses): on the forward thread, as every request will run.
-        warm = self._executor.submit(self.scorer.warmup)
-        self.load_time_s = time.perf_counter() - start
-        warm.result()
+        with within_share(self.gpu_memory, model.name, model.model_id, "its weights and warm-up batch",
+                          "raise num_gpus"):
+            self.scorer = load_scorer(model.model_id, revision=model.revision, family=model.family,
+                                      dtype=model.dtype, device=device, max_length=model.max_length,
+                                      token=hf_token,
+                                      token_budget=share_token_budget(model.token_budget, device, model.num_gpus))
+            # Fail the deploy now, with the model and the cause, if no forward can run (a kernel the installed
+            # torch lacks, a dtype the device refuses): on the forward thread, as every request will run.
+            warm = self._executor.submit(self._on_cpus, self.scorer.warmup)
+            self.load_time_s = time.perf_counter() - start
+            warm.result()
+        if self.gpu_memory is not None:
+            self._executor.submit(self._probe_token_budget).result()
         self.token_budget = int(self.scorer.token_budget)
         logger.info("loaded model %r (%s, %s on %s, %s execution, %s parameters) in %.2fs, warmed up in %.2fs; "
                     "token budget %d", model.name, self.scorer.family, _dtype_name(self.scorer.dtype),
@@ -202,7 +227,7 @@ class ModelReplica:
 
     def _forward_sync(self, batch: EncodedBatch) -> np.ndarray:
         try:
-            raw = np.asarray(self.scorer.score(batch), dtype=np.float32)
+            raw = np.asarray(self._on_cpus(self.scorer.score, batch), dtype=np.float32)
         except Exception as exc:
             if self._fatal is None:
                 self._fatal = self._broken_by(exc)
@@ -213,6 +238,27 @@ class ModelReplica:
         self.metrics.pairs.inc(batch.num_scores)
         self.metrics.tokens.inc(batch.num_tokens)
         return raw
+
+    def _on_cpus(self, fn, *args):
+        """fn(*args) on the forward thread, holding this replica's CPU slots and running as many torch threads
+        (CPU replicas; others run it as is)."""
+        if self.cpu_share is None:
+            return fn(*args)
+        with self.cpu_share.forward() as threads:
+            if threads != self.torch_threads:
+                import torch
+                torch.set_num_threads(threads)
+                self.torch_threads = threads
+            return fn(*args)
+
+    def _probe_token_budget(self) -> None:
+        """Under a GPU memory cap: one forward of a full token budget must fit, or the deploy fails now."""
+        from models.device_share import probe_token_budget, within_share
+
+        what = f"a forward of its token budget ({int(self.scorer.token_budget)} tokens)"
+        fix = "set a smaller token_budget or raise num_gpus"
+        with within_share(self.gpu_memory, self.settings.name, self.settings.model_id, what, fix):
+            probe_token_budget(self.scorer)
 
     def _broken_by(self, exc: Exception) -> str | None:
         """Why a failed forward means this replica is broken (it then reports unhealthy and Ray replaces it),
@@ -239,19 +285,48 @@ class ModelReplica:
         return None
 
     def describe(self) -> dict[str, Any]:
-        """What /info reports about the loaded model."""
-        return {"family": self.scorer.family, "dtype": _dtype_name(self.scorer.dtype),
-                "device": str(self.scorer.device), "execution": self.scorer.execution,
-                "max_length": self.scorer.max_length,
-                "token_budget": self.token_budget, "num_parameters": int(self.scorer.num_parameters),
-                "load_time_s": round(self.load_time_s, 3),
-                "torch_threads": self.torch_threads, "torch_threads_from": self.threads_from,
-                "cpus_seen": self.cpus_seen}
+        """What /info reports about the loaded model, and how this replica uses its node's CPUs and GPU share."""
+        out = {"family": self.scorer.family, "dtype": _dtype_name(self.scorer.dtype),
+               "device": str(self.scorer.device), "execution": self.scorer.execution,
+               "max_length": self.scorer.max_length,
+               "token_budget": self.token_budget, "num_parameters": int(self.scorer.num_parameters),
+               "load_time_s": round(self.load_time_s, 3),
+               "torch_threads": self.torch_threads, "torch_threads_from": self.threads_from,
+               "torch_threads_why": "torch's own setting: the forward runs on the GPU",
+               "cpus_seen": self.cpus_seen, "cpu_node": None,
+               "gpu_memory": self.gpu_memory.describe() if self.gpu_memory is not None else None}
+        if self.cpu_share is not None:
+            out["torch_threads"] = self.cpu_share.last_threads or self.cpu_share.wanted()[0]
+            out["torch_threads_why"] = self.cpu_share.why()
+            out["cpu_node"] = self.cpu_share.snapshot()
+        return out
 
     def check_health(self) -> None:
         """Called by Ray Serve periodically; raising makes it replace this replica."""
         if self._fatal is not None:
             raise RuntimeError(self._fatal)
+
+
+def _node_key() -> str:
+    """The registry key of this replica's node: its Ray node id (two Ray clusters on one machine never share);
+    outside Ray (a replica built in a plain process), one key for the machine."""
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - no Ray context: the machine is the node
+        pass
+    return "local"
+
+
+def _one_interop_thread() -> None:
+    """torch's inter-op pool to one thread (its intra-op threads are what the CPU slots count). Only possible
+    before any inter-op work in the process; a second replica built in one process keeps what the first set."""
+    import torch
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
 
 
 def _set_torch_threads(threads: int | None) -> None:

@@ -18,6 +18,7 @@ from ray.serve.exceptions import RayServeException
 from autoscaling import autoscaling_options
 from models.errors import ModelLoadError
 from models.hub import check_available, count_parameters, is_local_path
+from serve_app import placement
 from serve_app.resources import gpu_ingress_replicas, gpu_node_cpus
 from serve_app.settings import AppSettings, ModelSettings, deployment_name
 
@@ -234,6 +235,17 @@ def unavailable_message(settings: AppSettings, failures: dict[str, str]) -> str:
                  "(serve run serve_app:build_app model_id=/path/to/model, or `model_id: /path/to/model` in the "
                  "config); a model downloaded before is served from the Hugging Face cache.")
     return "\n".join(lines)
+def check_placement(settings: AppSettings, model_options: dict[str, dict[str, Any]],
+                    nodes: list[placement.Node] | None = None) -> None:
+    """Fail the build, naming the models, when Ray could never place every replica the deploy starts on the
+    running cluster (`nodes`, default: looked up; only a cluster that cannot grow is checked): a replica that
+    cannot be placed would stay pending for ever (serve_app/placement.py)."""
+    nodes = placement.fixed_cluster_nodes() if nodes is None else nodes
+    if nodes is None:
+        return
+    demands = [placement.demand_of(f"model {name!r}", options) for name, options in model_options.items()]
+    demands.append(placement.demand_of("the ingress", ingress_options(settings)))
+    placement.check(demands, nodes)
 
 
 def build_app(args: AppSettings) -> Application:
@@ -251,8 +263,7 @@ def build_app(args: AppSettings) -> Application:
         check_model_source(model)
     check_models_fetchable(settings)
     sizes = model_sizes(settings.models, hf_token)
-    handles = {}
-    for model in settings.models:
-        options = deployment_options(model, hf_token, num_parameters=sizes.get(model.name))
-        handles[model.name] = ModelDeployment.options(**options).bind(model, hf_token)
+    options = {m.name: deployment_options(m, hf_token, num_parameters=sizes.get(m.name)) for m in settings.models}
+    check_placement(settings, options)
+    handles = {m.name: ModelDeployment.options(**options[m.name]).bind(m, hf_token) for m in settings.models}
     return Ingress.options(**ingress_options(settings)).bind(settings, handles)

@@ -1,9 +1,10 @@
 """How many CPUs a process can really use, and the CPU sizing the defaults derive from it.
 
 Sizing happens in two places, on purpose:
-- a model replica sizes its torch threads at RUNTIME from the CPUs it sees (affinity and cgroup quota), since
-  only the replica knows the machine it landed on; Ray's logical `num_cpus` stays a small fractional reservation
-  so several models still fit a small machine;
+- a model replica sizes its torch threads at RUNTIME from the CPUs it sees (affinity and cgroup quota), shared
+  with the other CPU replicas of its node per forward (serve_app/cpu_share.py), since only the replicas know
+  the machine they landed on and who else is busy there; Ray's logical `num_cpus` stays a small fractional
+  reservation so several models still fit a small machine;
 - the builder sizes the number of ingress (tokenizing) replicas at BUILD time when a model is on a GPU, from the
   CPUs of the GPU node (the cluster's when Ray is up, else this machine's).
 An explicit setting (`num_cpus` of a model, `ingress.num_replicas`) always wins; /info reports what was chosen.
@@ -135,12 +136,13 @@ def usable_cpus(affinity: set[int] | None = None, limit: float | None | object =
 
 def model_torch_threads(num_cpus: float | None, device: str, visible: int) -> tuple[int | None, str]:
     """(torch threads of a model replica, why). An explicit `num_cpus` gives floor(num_cpus) threads (>= 1);
-    unset on CPU, every CPU the replica sees: one model alone gets the whole machine. On CUDA: torch's own
-    setting (the forward runs on the GPU; None leaves it)."""
+    unset on CPU, a share of the node (serve_app/cpu_share.py), at most every CPU the replica sees: one model
+    alone gets the whole machine, busy neighbours split it. On CUDA: torch's own setting (the forward runs on
+    the GPU; None leaves it)."""
     if num_cpus is not None:
         return max(1, math.floor(num_cpus)), "num_cpus"
     if device == "cpu":
-        return max(1, visible), "visible CPUs"
+        return max(1, visible), "node share"
     return None, "default"
 
 

@@ -33,6 +33,10 @@ except Exception:  # not installed (running from a checkout)
     VERSION = "0.1.0"
 
 DESCRIBE_TIMEOUT_S = 5.0
+# A replica's threads follow its busy neighbours (serve_app/cpu_share.py): /info asks a model again after this.
+DESCRIBE_TTL_S = 1.0
+# What /info says of the per-replica facts of a model whose replicas are gone (scaled to zero).
+_NO_REPLICA = {"torch_threads": None, "torch_threads_why": "no running replica", "cpu_node": None}
 
 
 class ModelBackend(Protocol):
@@ -113,11 +117,11 @@ class RerankService:
         self.settings = settings
         self.encoders = dict(encoders)
         self.backends = dict(backends)
-        self._described: dict[str, dict[str, Any]] = {}
-        from models.scoring import resolve_token_budget  # torch-heavy: imported once the app is built
+        self._described: dict[str, tuple[float, dict[str, Any]]] = {}
+        from models.device_share import share_token_budget  # torch-heavy: imported once the app is built
 
         # Fan-out piece size: the replica's batching budget, resolved as the replica resolves it.
-        self._piece_tokens = {m.name: resolve_token_budget(m.token_budget, m.resolved_device)
+        self._piece_tokens = {m.name: share_token_budget(m.token_budget, m.resolved_device, m.num_gpus)
                               for m in settings.models}
         for m in settings.models:  # a setting the model cannot honour fails the deploy, not every request
             if m.long_documents == "chunk" and not getattr(self.encoders[m.name], "supports_windows", False):
@@ -298,15 +302,32 @@ class RerankService:
         return out
 
     async def _describe(self, name: str) -> dict[str, Any] | None:
-        """The loaded model's facts, fetched once from a replica; None while it cannot answer."""
-        if name not in self._described:
-            try:
-                self._described[name] = dict(await asyncio.wait_for(self.backends[name].describe(),
-                                                                    DESCRIBE_TIMEOUT_S))
-            except Exception as e:  # a model that is down must not break /info
-                logger.warning("describe(%s) failed: %s", name, e)
-                return None
-        return self._described[name]
+        """The loaded model's facts from one of its replicas, at most DESCRIBE_TTL_S old; None while it cannot
+        answer. A model with no running replica is not woken up for /info: its last facts stand, less the
+        per-replica ones."""
+        cached = self._described.get(name)
+        if cached is not None and time.monotonic() - cached[0] < DESCRIBE_TTL_S:
+            return cached[1]
+        if cached is not None and not await self._may_describe(name):
+            return {**cached[1], **_NO_REPLICA}
+        try:
+            fresh = dict(await asyncio.wait_for(self.backends[name].describe(), DESCRIBE_TIMEOUT_S))
+        except Exception as e:  # a model that is down must not break /info
+            logger.warning("describe(%s) failed: %s", name, e)
+            return None if cached is None else {**cached[1], **_NO_REPLICA}
+        self._described[name] = (time.monotonic(), fresh)
+        return fresh
+
+    async def _may_describe(self, name: str) -> bool:
+        """Whether asking the model would reach a running replica (not start one); True when unknown."""
+        replicas = getattr(self.backends[name], "replicas", None)
+        if replicas is None:
+            return True
+        try:
+            running = await replicas()
+        except Exception:  # noqa: BLE001 - a slow controller: ask the model anyway
+            return True
+        return running is None or running > 0
 
     def _model_info(self, model: ModelSettings, loaded: dict[str, Any] | None) -> dict[str, Any]:
         encoder = self.encoders[model.name]
@@ -343,10 +364,14 @@ class RerankService:
                 "autoscaling_config": model.autoscaling_config.given() if model.autoscaling_config else None,
                 "num_cpus": model.resolved_num_cpus,
                 "num_gpus": model.num_gpus,
-                # Sized by the replica at runtime unless num_cpus is set (serve_app/resources.py).
+                # Sized by the replica at runtime: a share of its node's CPUs unless num_cpus is set
+                # (serve_app/cpu_share.py); the replica that answered, and its node's CPU replicas of this model.
                 "torch_threads": loaded.get("torch_threads"),
                 "torch_threads_from": loaded.get("torch_threads_from"),
+                "torch_threads_why": loaded.get("torch_threads_why"),
                 "cpus_seen": loaded.get("cpus_seen"),
+                **_node_view(model.name, loaded.get("cpu_node")),
+                "gpu_memory": loaded.get("gpu_memory"),
             },
         }
 
@@ -391,3 +416,16 @@ class RerankService:
             elif not state[0]:
                 bad.append(f"{name} ({state[1]})")
         return (not bad, "models not ready: " + "; ".join(bad) if bad else "ok")
+
+
+def _node_view(name: str, node: dict[str, Any] | None) -> dict[str, Any]:
+    """/info's `replicas` (this model's CPU replicas on the answering replica's node: threads of their last
+    forward, how they are sized, active or not) and `node` (that node's CPUs and who shares them)."""
+    if not node:
+        return {"replicas": None, "node": None}
+    everyone = node.get("replicas", [])
+    mine = [{k: v for k, v in r.items() if k != "model"} for r in everyone if r.get("model") == name]
+    summary = {k: v for k, v in node.items() if k != "replicas"}
+    summary["cpu_replicas"] = len(everyone)
+    summary["models"] = sorted({str(r.get("model")) for r in everyone})
+    return {"replicas": mine, "node": summary}

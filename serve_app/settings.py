@@ -5,6 +5,7 @@ Python (a dict or an `AppSettings`), and is what the ingress and model replicas 
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -23,11 +24,12 @@ HF_TOKEN_ENV = "HF_TOKEN"
 
 # Several CPU models plus the ingress must start on a 2-core machine under a plain `serve run`
 # (Ray's default of 1 CPU per replica would leave the third replica pending forever). These are Ray's LOGICAL
-# reservations only: a CPU replica left at the default runs as many torch threads as CPUs it sees
-# (serve_app/resources.py), so one model alone uses the whole machine.
+# reservations only: a CPU replica left at the default runs a share of its node's CPUs, per forward, among the
+# replicas busy there (serve_app/cpu_share.py), so one model alone uses the whole machine.
 DEFAULT_MODEL_CPUS = 0.5
 DEFAULT_GPU_MODEL_CPUS = 1.0
 DEFAULT_INGRESS_CPUS = 0.25
+MIN_GPU_SHARE = 0.0001  # Ray's resource resolution
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 
@@ -69,9 +71,14 @@ class ModelSettings(BaseModel):
         "`target_work_per_replica`, `target_budgets_per_replica`). Unknown keys are an error."))
     num_cpus: float | None = Field(default=None, ge=0, description=(
         f"CPUs Ray reserves per replica; default {DEFAULT_MODEL_CPUS} on CPU, {DEFAULT_GPU_MODEL_CPUS} with a GPU. "
-        "Set: the replica runs floor(num_cpus) torch threads (at least 1); unset on CPU: one thread per CPU the "
-        "replica sees (affinity and cgroup quota)."))
-    num_gpus: float = Field(default=0, ge=0, description="GPU share per replica; > 0 serves on CUDA.")
+        "Set: the replica runs floor(num_cpus) torch threads (at least 1). Unset on CPU: a share of its node's "
+        "CPUs, per forward, among the CPU replicas busy there (all of them when it is alone). Either way a CPU "
+        "replica waits for free CPUs of its node before a forward: together they never run more compute threads "
+        "than the node has CPUs."))
+    num_gpus: float = Field(default=0, ge=0, description=(
+        "GPU share per replica; > 0 serves on CUDA. A fraction (at most 1) lets Ray place several model replicas "
+        "on one device; each then caps its memory at that share of the device and sizes its default token "
+        "budget to it. Above 1: whole GPUs only."))
     accelerator_type: str | None = None
     token_budget: PositiveInt | None = Field(default=None, description=(
         "Tokens per forward batch across requests; default chosen by models/ for the device."))
@@ -120,9 +127,21 @@ class ModelSettings(BaseModel):
                              "replica a GPU")
         if self.device == "cpu" and self.num_gpus > 0:
             raise ValueError(f"model {self.name!r}: num_gpus > 0 with device 'cpu' would reserve an unused GPU")
+        self._check_gpu_share()
         if self.autoscales:
             self._check_autoscaling()
         return self
+
+    def _check_gpu_share(self) -> None:
+        """A GPU share Ray can place: a fraction of ONE device (several models then share it, each replica capped
+        at its share of the device memory: models/device_share.py), or whole devices. Ray would accept 1.5 and
+        never schedule it (a fraction must fit one device); a share finer than its resolution is refused later."""
+        g = self.num_gpus
+        if g > 1 and g != int(g):
+            raise ValueError(f"model {self.name!r}: num_gpus {g:g} cannot be placed: a replica takes a share of one "
+                             f"GPU (at most 1) or whole GPUs ({math.floor(g)} or {math.ceil(g)})")
+        if 0 < g < MIN_GPU_SHARE:
+            raise ValueError(f"model {self.name!r}: num_gpus {g:g} is below Ray's resolution of {MIN_GPU_SHARE} GPU")
 
     def _check_autoscaling(self) -> None:
         """Fail at validation (before anything deploys) on settings Ray would reject once merged with the

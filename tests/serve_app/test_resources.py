@@ -147,7 +147,7 @@ def test_usable_cpus_is_the_affinity_capped_by_the_quota():
 
 
 def test_model_threads_follow_num_cpus_when_set_else_the_visible_cpus():
-    assert model_torch_threads(None, "cpu", 8) == (8, "visible CPUs")  # the default: the whole machine
+    assert model_torch_threads(None, "cpu", 8) == (8, "node share")  # the default: up to the whole machine
     assert model_torch_threads(0.5, "cpu", 8) == (1, "num_cpus")      # explicit: as reserved (>= 1)
     assert model_torch_threads(2.7, "cpu", 8) == (2, "num_cpus")
     assert model_torch_threads(None, "cuda", 8) == (None, "default")
