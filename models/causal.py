@@ -121,6 +121,7 @@ class PiecesEncoder(Encoder):
 
     accepts_single = False
     accepts_instruction = True
+    shares_prefix = True
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -181,6 +182,21 @@ class CausalLMScorer(Scorer):
     def supports_packed(self) -> bool:
         return self._packable  # base models verified to run packed (models/common.py)
 
+    @property
+    def supports_shared_prefix(self) -> bool:
+        return self.shared_prefix_unsupported is None
+
+    @property
+    def shared_prefix_unsupported(self) -> str | None:
+        """Why this model cannot compute shared prefixes once (models/prefix.py), None when it can; it depends on
+        the attention implementation, which follows the execution mode."""
+        from .prefix import unsupported_reason
+
+        implementation = self.model.config._attn_implementation
+        if getattr(self, "_prefix_checked", None) != implementation:
+            self._prefix_reason, self._prefix_checked = unsupported_reason(self.model), implementation
+        return self._prefix_reason
+
     def _attention_modules(self):
         return [self.model]
 
@@ -189,6 +205,11 @@ class CausalLMScorer(Scorer):
 
     def _forward_packed(self, inputs):
         return self.combine(self.logits(last_hidden_packed(self.model, inputs)))
+
+    def _forward_shared(self, inputs):
+        from .prefix import shared_last_hidden
+
+        return self.combine(self.logits(shared_last_hidden(self.model, inputs)))
 
     def _forward_padded(self, input_ids, attention_mask, token_type_ids):
         return self.combine(self.logits(last_hidden_padded(self.model, input_ids, attention_mask)))

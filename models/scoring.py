@@ -8,6 +8,9 @@ the raw scores back to input order. A chunk runs one of two ways (`Scorer.execut
   (models/attention.py); the budget counts real tokens. A family that supports it implements `_forward_packed`.
 "auto" picks packed on CUDA in fp16/bf16 when the model supports it (varlen kernels), padded otherwise: on this
 CPU, length-sorted padded chunks of 4096 tokens were measured as fast as packed (benchmarks/cpu_packing.py).
+Either way, a scorer that supports it (`supports_shared_prefix`, causal LMs) runs the sequences the ingress marked
+as sharing a prefix through `_forward_shared` (models/prefix.py): each prefix once per chunk; the budget counts the
+tokens computed.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import logging
 import numpy as np
 import torch
 
-from .cutting import plan_chunks, scatter
+from .cutting import plan_chunks, plan_shared_chunks, scatter
 from .encoded import EncodedBatch
 from .errors import ModelLoadError
 
@@ -69,9 +72,12 @@ def pad_right(batch: EncodedBatch, index: np.ndarray, pad_id: int, with_types: b
 
 
 def input_tensors(inputs) -> list[torch.Tensor]:
-    """The tensors of one chunk's inputs: a padded (ids, mask, types | None) tuple or a PackedInputs."""
+    """The tensors of one chunk's inputs: a padded (ids, mask, types | None) tuple, a PackedInputs, or inputs that
+    list their own (`tensors()`: models.prefix.SharedPrefixInputs)."""
     if isinstance(inputs, tuple):
         return [t for t in inputs if t is not None]
+    if hasattr(inputs, "tensors"):
+        return inputs.tensors()
     return [t for t in (inputs.input_ids, inputs.position_ids, inputs.cu_seq_lens, inputs.token_type_ids)
             if t is not None]
 
@@ -80,6 +86,8 @@ def move_inputs(inputs, move):
     """`inputs` (as in `input_tensors`) with every tensor replaced by move(tensor)."""
     if isinstance(inputs, tuple):
         return tuple(None if t is None else move(t) for t in inputs)
+    if hasattr(inputs, "map_tensors"):
+        return inputs.map_tensors(move)
     from dataclasses import replace
     m = lambda t: None if t is None else move(t)  # noqa: E731
     return replace(inputs, input_ids=m(inputs.input_ids), position_ids=m(inputs.position_ids),
@@ -132,6 +140,7 @@ class Scorer:
     num_parameters: int
     execution: str  # "packed" | "padded", resolved once the model is loaded (set_execution)
     position_offset: int = 0  # first position id of a packed sequence (pad_token_id + 1 for RoBERTa / XLM-R)
+    shared_prefix: str = "auto"  # "off": prefix marks are ignored, every sequence runs whole (set_shared_prefix)
 
     def __init__(self, *, family: str, model_id: str, encoder, dtype: str, device: str,
                  token_budget: int | None, pad_id: int, uses_token_types: bool = False, execution: str = "auto"):
@@ -169,6 +178,47 @@ class Scorer:
                 model.set_attn_implementation("sdpa")
         return self.execution
 
+    # --- shared prefixes (models/prefix.py) ---------------------------------------------------------------------
+    @property
+    def supports_shared_prefix(self) -> bool:
+        """Whether this loaded model computes marked prefixes once (a causal family overrides it)."""
+        return False
+
+    def set_shared_prefix(self, setting: str) -> None:
+        """"auto": share the prefixes the ingress marked where the model supports it; "off": never."""
+        from .prefix import check_setting
+
+        self.shared_prefix = check_setting(setting)
+
+    def shares_prefixes(self, batch: EncodedBatch) -> bool:
+        """Whether `score(batch)` computes some prefix once for several sequences."""
+        return (batch.prefix_lengths is not None and self.shared_prefix == "auto" and self.supports_shared_prefix
+                and len(batch.prefix_groups[1]) > 0)
+
+    def computed_tokens(self, batch: EncodedBatch) -> int:
+        """Tokens `score(batch)` computes as one chunk: each shared prefix once (what token budgets count)."""
+        return batch.computed_tokens if self.shares_prefixes(batch) else batch.num_tokens
+
+    def plan(self, batch: EncodedBatch) -> list[np.ndarray]:
+        """The forward chunks of `batch`: `chunks(lengths)`, or around its shared prefixes (models/cutting.py)."""
+        if not self.shares_prefixes(batch):
+            return self.chunks(batch.lengths)
+        group, prefix, _ = batch.prefix_groups
+        return plan_shared_chunks(batch.lengths, group, prefix, self.token_budget, packed=self.execution == "packed")
+
+    def _shared_inputs(self, batch: EncodedBatch, index: np.ndarray, pin_memory: bool = False):
+        """The chunk's models.prefix.SharedPrefixInputs, None when no two of its sequences share a prefix."""
+        if not self.shares_prefixes(batch):
+            return None
+        from .prefix import shared_inputs
+
+        return shared_inputs(batch, index, packed=self.execution == "packed", pad_id=self.pad_id,
+                             pin_memory=pin_memory)
+
+    def _forward_shared(self, inputs) -> torch.Tensor:
+        """Raw scores, shape (N,), of a chunk with shared prefixes (a family that supports them implements it)."""
+        raise NotImplementedError
+
     def score(self, batch: EncodedBatch) -> np.ndarray:
         n = len(batch)
         if n == 0:
@@ -179,7 +229,7 @@ class Scorer:
         packed = self.execution == "packed"
         transfer = self._transfer()
         with torch.inference_mode():
-            chunks = self.chunks(lengths)
+            chunks = self.plan(batch)
             if transfer is not None:
                 return scatter([np.concatenate(chunks)], [self._score_pipelined(batch, chunks, transfer)], n)
             # CPU: nothing to overlap (no copy); each chunk's scores are already host memory.
@@ -212,6 +262,9 @@ class Scorer:
     def _prepare(self, batch: EncodedBatch, index: np.ndarray):
         """Host inputs of one chunk, page-locked on CUDA (an asynchronous copy needs pinned memory)."""
         pin = self.device.startswith("cuda")
+        shared = self._shared_inputs(batch, index, pin_memory=pin)
+        if shared is not None:
+            return shared
         if self.execution == "packed":
             from .packing import pack
             return pack(batch, index, position_offset=self.position_offset, with_token_types=self.uses_token_types,
@@ -222,6 +275,8 @@ class Scorer:
 
     def _run(self, inputs) -> torch.Tensor:
         """The forward of one chunk's device inputs (from `_prepare`, moved): raw scores on the device."""
+        if hasattr(inputs, "map_tensors"):
+            return self._forward_shared(inputs)
         if self.execution == "packed":
             return self._forward_packed(inputs)
         return self._forward_padded(*inputs)
@@ -236,11 +291,17 @@ class Scorer:
     def _score_packed(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
         from .packing import pack
 
+        shared = self._shared_inputs(batch, index)
+        if shared is not None:
+            return self._forward_shared(shared.to(self.device)).float().cpu().numpy()
         inputs = pack(batch, index, position_offset=self.position_offset, with_token_types=self.uses_token_types)
         scores = self._forward_packed(inputs.to(self.device))
         return scores.float().cpu().numpy()
 
     def _score_padded(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
+        shared = self._shared_inputs(batch, index)
+        if shared is not None:
+            return self._forward_shared(shared.to(self.device)).float().cpu().numpy()
         ids, mask, types = pad_right(batch, index, self.pad_id, self.uses_token_types)
         to = lambda a: None if a is None else torch.from_numpy(a).to(self.device)  # noqa: E731
         scores = self._forward_padded(to(ids), to(mask), to(types))
