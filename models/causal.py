@@ -182,6 +182,25 @@ class CausalLMScorer(Scorer):
     def supports_packed(self) -> bool:
         return self._packable  # base models verified to run packed (models/common.py)
 
+    def set_execution(self, requested: str | None = None) -> str:
+        """As Scorer's; and a base model that runs packed keeps the "packed" attention implementation in padded
+        execution too (it passes padded batches to SDPA unchanged), so that shared prefixes run packed on CPU."""
+        execution = super().set_execution(requested)
+        if self._packable and not self.device.startswith("cuda"):
+            from . import attention
+
+            if self.model.config._attn_implementation != attention.PACKED:
+                self.model.set_attn_implementation(attention.register())
+        return execution
+
+    @property
+    def shared_packed(self) -> bool:
+        """Shared-prefix chunks run packed on CPU too, where the base model can: own parts then carry no padding
+        (their lengths spread more than whole pairs') and prefix keys are not copied per padded row (measured:
+        benchmarks/README.md). Padded CUDA execution (fp32) stays padded: one attention call per sequence there
+        would leave the device idle."""
+        return self.execution == "packed" or (self._packable and not self.device.startswith("cuda"))
+
     @property
     def supports_shared_prefix(self) -> bool:
         return self.shared_prefix_unsupported is None

@@ -320,8 +320,12 @@ def shared_last_hidden(model, inputs: SharedPrefixInputs) -> torch.Tensor:
     prefix_valid = slots[None, :] < inputs.prefix_lengths[:, None]
     model(input_ids=inputs.prefix_ids, position_ids=prefix_pos, use_cache=True, **{keyword: cache},
           attention_mask=_masks(config, prefix_pos, prefix_pos, prefix_valid, dtype))
-    # Row r's keys: its group's prefix slots (kept where < its prefix length), then its own tokens.
-    cache.join = lambda past, new: torch.cat([past.index_select(0, inputs.row_group), new], dim=2)
+    # Row r's keys: its group's prefix slots (kept where < its prefix length), then its own tokens. One prefix
+    # (the common case: one request) is broadcast, not gathered: the concatenation is then the only copy.
+    if inputs.prefix_ids.shape[0] == 1:
+        cache.join = lambda past, new: torch.cat([past.expand(new.shape[0], -1, -1, -1), new], dim=2)
+    else:
+        cache.join = lambda past, new: torch.cat([past.index_select(0, inputs.row_group), new], dim=2)
     own_slots = torch.arange(inputs.max_own, device=device)
     key_valid = torch.cat([slots[None, :] < inputs.row_prefix[:, None],
                            own_slots[None, :] < inputs.own_lengths[:, None]], dim=1)

@@ -199,12 +199,18 @@ class Scorer:
         """Tokens `score(batch)` computes as one chunk: each shared prefix once (what token budgets count)."""
         return batch.computed_tokens if self.shares_prefixes(batch) else batch.num_tokens
 
+    @property
+    def shared_packed(self) -> bool:
+        """Whether chunks with shared prefixes run packed (else padded): as the execution, unless a family knows
+        better."""
+        return self.execution == "packed"
+
     def plan(self, batch: EncodedBatch) -> list[np.ndarray]:
         """The forward chunks of `batch`: `chunks(lengths)`, or around its shared prefixes (models/cutting.py)."""
         if not self.shares_prefixes(batch):
             return self.chunks(batch.lengths)
         group, prefix, _ = batch.prefix_groups
-        return plan_shared_chunks(batch.lengths, group, prefix, self.token_budget, packed=self.execution == "packed")
+        return plan_shared_chunks(batch.lengths, group, prefix, self.token_budget, packed=self.shared_packed)
 
     def _shared_inputs(self, batch: EncodedBatch, index: np.ndarray, pin_memory: bool = False):
         """The chunk's models.prefix.SharedPrefixInputs, None when no two of its sequences share a prefix."""
@@ -212,8 +218,7 @@ class Scorer:
             return None
         from .prefix import shared_inputs
 
-        return shared_inputs(batch, index, packed=self.execution == "packed", pad_id=self.pad_id,
-                             pin_memory=pin_memory)
+        return shared_inputs(batch, index, packed=self.shared_packed, pad_id=self.pad_id, pin_memory=pin_memory)
 
     def _forward_shared(self, inputs) -> torch.Tensor:
         """Raw scores, shape (N,), of a chunk with shared prefixes (a family that supports them implements it)."""
