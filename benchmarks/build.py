@@ -3,6 +3,7 @@
 - ettin-17m / ettin-150m: modular Sentence-Transformers cross-encoders (ModernBertModel -> Pooling(cls) ->
   Dense(GELU) -> LayerNorm -> Dense(1, 'scores')), as cross-encoder/ettin-reranker-*-v1 ship them.
 - qwen3-0.6b: Qwen3ForCausalLM with Qwen3-Reranker-0.6B's shape, tied embeddings, no id2label.
+- qwen3-small: the same layout, small enough for a 2-core CPU (benchmarks/shared_prefix.py; not in MODELS).
 
 Tokenizers are byte-level BPE trained here on a fixed list of made-up words until every word is ONE token, so
 a text of n words is n tokens and the workload's token counts (benchmarks/workload.py) are exact.
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .workload import QWEN3_06B, ettin_config
+from .workload import QWEN3_06B, QWEN3_SMALL, ettin_config
 
 NUM_WORDS = 4000
 MODELS = ("ettin-17m", "ettin-150m", "qwen3-0.6b")
@@ -109,12 +110,12 @@ def build_ettin(path: Path, name: str, seed: int = 0) -> Path:
     return path
 
 
-def build_qwen3(path: Path, seed: int = 0) -> Path:
+def build_qwen3(path: Path, seed: int = 0, shape: dict = QWEN3_06B) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     tok = qwen_tokenizer()
-    cfg = Qwen3Config(**QWEN3_06B, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    cfg = Qwen3Config(**shape, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     # bf16 on disk as the real checkpoint; loaders up-cast where they run fp32.
     return save_qwen3_reranker(Qwen3ForCausalLM(cfg).to(torch.bfloat16), tok, path)
@@ -143,7 +144,9 @@ def build(name: str, root: Path) -> Path:
         build_ettin(path, name)
     elif name == "qwen3-0.6b":
         build_qwen3(path)
+    elif name == "qwen3-small":
+        build_qwen3(path, shape=QWEN3_SMALL)
     else:
-        raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS}")
+        raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS + ('qwen3-small',)}")
     marker.write_text("ok")
     return path

@@ -46,6 +46,24 @@ ETTIN = {
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151669, tie_word_embeddings=True,
                  max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6)
+# A Qwen3 small enough for a 2-core CPU (~3M parameters besides the embedding): Qwen3-Reranker-0.6B's layout
+# (grouped KV heads, head_dim 64 here, tied embeddings, the real vocabulary) at a quarter of the width, 4 layers.
+QWEN3_SMALL = dict(QWEN3_06B, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64)
+
+# Shared-prefix workload (benchmarks/shared_prefix.py): a 20-word task instruction and a 12-word query, as in the
+# issue's estimate of a Qwen3-Reranker request's prefix share.
+INSTRUCTION_WORDS = 20
+SHARED_QUERY_WORDS = 12
+
+
+def rerank_request(vocab: list[str], n_docs: int, seed: int = 0) -> tuple[str, str, list[str]]:
+    """(query, instruction, documents) of one rerank request: NQ-like passage lengths, words of `vocab` (one
+    benchmark token each)."""
+    rng = np.random.default_rng(seed)
+    pick = lambda k: " ".join(vocab[i] for i in rng.integers(0, len(vocab), k))  # noqa: E731
+    _, passages = nq_like_lengths(n_docs, seed)
+    return pick(SHARED_QUERY_WORDS), pick(INSTRUCTION_WORDS), [pick(int(k)) for k in passages]
 
 
 def ettin_config(name: str, **overrides):
