@@ -17,11 +17,12 @@ Replica (`SharedPrefixInputs`, `shared_last_hidden`): per forward chunk, sequenc
 form a group (EncodedBatch.prefix_groups); the chunk's distinct prefixes run in a first forward whose keys and
 values per layer are kept (`PrefixCache`), then every sequence's own part runs with its positions offset and
 attends to its group's prefix (a sequence of no group attends to an empty one):
-- padded (CPU, fp32 on CUDA): the prefixes padded [G, P], then the own parts padded [N, S]; each row's keys are
-  its prefix's slots then its own, under an explicit mask (causal, padding, sliding windows from positions);
-- packed (CUDA fp16/bf16): prefixes and own parts each one row of real tokens; each sequence's keys are its
-  prefix's then its own tokens, gathered back to back, and the varlen kernel gets separate query and key
-  lengths. Causal attention with fewer queries than keys is bottom-right aligned in flash-attn 2 and in torch's
+- packed (CUDA fp16/bf16, and CPU where the base model runs packed: `Scorer.shared_packed`): prefixes and own
+  parts each one row of real tokens; each sequence's keys are its prefix's then its own tokens, gathered back to
+  back, and the varlen kernel (on CPU: one SDPA per sequence) gets separate query and key lengths.
+- padded (base models that do not run packed, fp32 on CUDA): the prefixes padded [G, P], then the own parts
+  padded [N, S]; each row's keys are its prefix's slots then its own, under an explicit mask (causal, padding,
+  sliding windows from positions). Causal attention with fewer queries than keys is bottom-right aligned in flash-attn 2 and in torch's
   `varlen_attn` (aten's flash forward; PyTorch's SDPA refuses that shape for flash for this very reason), i.e.
   the queries are the LAST positions: exactly an own part after its prefix. models/attention.py's per-segment
   fallback follows the same rule.

@@ -330,17 +330,29 @@ class Scorer:
 
         A kernel or dtype that cannot run fails here, at load time, as a ModelLoadError naming the model and
         the cause, instead of in every request. Replicas also re-run it as a probe when a request fails for a
-        reason that is not the request's: if the probe fails too, the model is broken, not the request."""
+        reason that is not the request's: if the probe fails too, the model is broken, not the request. A model
+        that shares prefixes scores the batch a second time with its prompt shared (its other kernel calls)."""
+        batch = self.encoder.encode(list(self.WARMUP_PAIRS))
+        raw = self._warm(batch, "")
+        if self.shared_prefix == "auto" and self.supports_shared_prefix:
+            from .prefix import mark_shared_prefixes
+
+            marked = mark_shared_prefixes(self.encoder, batch, [q for q, _ in self.WARMUP_PAIRS])
+            if self.shares_prefixes(marked):
+                self._warm(marked, "shared-prefix ")
+        return raw
+
+    def _warm(self, batch: EncodedBatch, what: str) -> np.ndarray:
         try:
-            raw = np.asarray(self.score(self.encoder.encode(list(self.WARMUP_PAIRS))), dtype=np.float32)
+            raw = np.asarray(self.score(batch), dtype=np.float32)
         except Exception as exc:
-            raise ModelLoadError(self.model_id, f"warm-up forward failed ({self.execution} execution, "
+            raise ModelLoadError(self.model_id, f"{what}warm-up forward failed ({self.execution} execution, "
                                                 f"{_name(self.dtype)} on {self.device}): "
                                                 f"{type(exc).__name__}: {exc}") from exc
         if raw.shape != (len(self.WARMUP_PAIRS),) or not np.isfinite(raw).all():
-            raise ModelLoadError(self.model_id, f"warm-up forward ({self.execution} execution, {_name(self.dtype)} "
-                                                f"on {self.device}) gave scores {raw.tolist()}, not "
-                                                f"{len(self.WARMUP_PAIRS)} finite numbers")
+            raise ModelLoadError(self.model_id, f"{what}warm-up forward ({self.execution} execution, "
+                                                f"{_name(self.dtype)} on {self.device}) gave scores {raw.tolist()}, "
+                                                f"not {len(self.WARMUP_PAIRS)} finite numbers")
         return raw
 
     def __repr__(self) -> str:

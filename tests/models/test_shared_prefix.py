@@ -440,3 +440,19 @@ def test_encoders_of_causal_families_mark_and_cross_encoders_do_not(scorer_of, t
     assert all(scorer_of(name).encoder.shares_prefix for name in FAMILIES)
     for variant in ("modular", "bert", "xlmr"):
         assert not load_encoder(str(tiny[variant])).shares_prefix
+
+
+def test_the_warm_up_runs_the_shared_prefix_forward_too(scorer_of, monkeypatch):
+    """A kernel call only the shared path makes (separate query and key lengths) fails at load, not per request."""
+    from models.errors import ModelLoadError
+
+    scorer = scorer_of("qwen3_tied")
+    calls = spy_shared(monkeypatch, scorer)
+    raw = scorer.warmup()
+    assert calls and np.array_equal(raw, scorer.score(scorer.encoder.encode(list(scorer.WARMUP_PAIRS))))
+
+    def broken(inputs):
+        raise RuntimeError("varlen kernel refused seqlen_q != seqlen_k")
+    monkeypatch.setattr(scorer, "_forward_shared", broken)
+    with pytest.raises(ModelLoadError, match="shared-prefix warm-up forward failed.*seqlen_q"):
+        scorer.warmup()
