@@ -40,6 +40,7 @@ def test_quick_shared_prefix_benchmark_writes_every_figure(tmp_path):
         e = entry[stage]
         assert e["auto"]["pairs_per_s"] > 0 and e["off"]["pairs_per_s"] > 0
         assert e["ratio_auto_over_off"] == e["auto"]["pairs_per_s"] / e["off"]["pairs_per_s"]
+        assert e["ratio_best"] == e["auto"]["best_pairs_per_s"] / e["off"]["best_pairs_per_s"]
         assert e["max_abs_diff"] <= 1e-4  # fp32: the two modes give the same scores
     assert entry["in_process"]["shared_prefix_supported"] is True
     assert entry["http"]["shared_prefix_active"] == {"auto": True, "off": False}
