@@ -5,6 +5,7 @@
 - qwen3-0.6b: Qwen3ForCausalLM with Qwen3-Reranker-0.6B's shape, tied embeddings, no id2label.
 - jina-v3-0.6b (listwise, benchmarks/listwise.py): jina-reranker-v3's layout, a Qwen3 0.6B backbone as `model.*`
   plus `projector.0` / `projector.2` (1024 -> 512 -> 512), architectures ["JinaForRanking"], the two marker tokens.
+- qwen3-small: the same layout, small enough for a 2-core CPU (benchmarks/shared_prefix.py; not in MODELS).
 
 Tokenizers are byte-level BPE trained here on a fixed list of made-up words until every word is ONE token, so
 a text of n words is n tokens and the workload's token counts (benchmarks/workload.py) are exact.
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .workload import QWEN3_06B, TINY_MODELS, ettin_config
+from .workload import QWEN3_06B, QWEN3_SMALL, TINY_MODELS, ettin_config
 
 NUM_WORDS = 4000
 MODELS = ("ettin-17m", "ettin-150m", "qwen3-0.6b")  # the pairwise harness (run.py)
@@ -224,6 +225,8 @@ def build(name: str, root: Path, layers: int | None = None) -> Path:
         build_qwen3(path, layers=layers)
     elif name == JINA:
         build_jina(path, layers=layers)
+    elif name == "qwen3-small":
+        build_qwen3(path, shape=QWEN3_SMALL)
     elif name in TINY_MODELS:
         kind, shape, seed = TINY_MODELS[name]
         if kind == "modular":
@@ -233,6 +236,7 @@ def build(name: str, root: Path, layers: int | None = None) -> Path:
         else:
             build_seq_cls(path, kind, shape, seed)
     else:
-        raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS + (JINA,) + tuple(TINY_MODELS)}")
+        known = MODELS + (JINA, "qwen3-small") + tuple(TINY_MODELS)
+        raise ValueError(f"unknown benchmark model {name!r}; choose from {known}")
     marker.write_text("ok")
     return path

@@ -173,7 +173,7 @@ class Service:
 
     def __init__(self, model_dirs: dict[str, Path], *, device: str, dtype: str, token_budget: int | None,
                  model_cpus: float | None = None, model_replicas: int | None = None, timeout_s: float = 600,
-                 start_app: bool = True):
+                 start_app: bool = True, model_settings: dict[str, dict] | None = None):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
         from ray import serve
@@ -205,6 +205,7 @@ class Service:
                 spec["num_gpus"] = 1.0 / len(model_dirs)
             if token_budget:
                 spec["token_budget"] = token_budget
+            spec.update((model_settings or {}).get(name, {}))  # any other per-model setting, by model name
             specs.append(spec)
         serve.run(build_app({"models": specs}), name="benchmark", route_prefix="/", blocking=False)
         self._wait_healthy(timeout_s)

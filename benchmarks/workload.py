@@ -69,6 +69,26 @@ TINY_MODELS = {
                               num_key_value_heads=1, head_dim=24, max_position_embeddings=1024), 32),
 }
 
+# A Qwen3 small enough for a 2-core CPU (~10M parameters besides the embedding, 100 NQ-like pairs in a few seconds):
+# Qwen3-Reranker-0.6B's layout (grouped KV heads, head_dim 64 here, tied embeddings, the real vocabulary) at 3/8 of
+# the width, 6 layers.
+QWEN3_SMALL = dict(QWEN3_06B, hidden_size=384, intermediate_size=1152, num_hidden_layers=6, num_attention_heads=6,
+                   num_key_value_heads=2, head_dim=64)
+
+# Shared-prefix workload (benchmarks/shared_prefix.py): a 20-word task instruction and a 12-word query, as in the
+# issue's estimate of a Qwen3-Reranker request's prefix share.
+INSTRUCTION_WORDS = 20
+SHARED_QUERY_WORDS = 12
+
+
+def rerank_request(vocab: list[str], n_docs: int, seed: int = 0) -> tuple[str, str, list[str]]:
+    """(query, instruction, documents) of one rerank request: NQ-like passage lengths, words of `vocab` (one
+    benchmark token each)."""
+    rng = np.random.default_rng(seed)
+    pick = lambda k: " ".join(vocab[i] for i in rng.integers(0, len(vocab), k))  # noqa: E731
+    _, passages = nq_like_lengths(n_docs, seed)
+    return pick(SHARED_QUERY_WORDS), pick(INSTRUCTION_WORDS), [pick(int(k)) for k in passages]
+
 
 def ettin_config(name: str, **overrides):
     """A ModernBertConfig with ettin's real shape: vocab 50368, head_dim 64, every 3rd layer global, the rest a

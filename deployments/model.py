@@ -38,25 +38,26 @@ class Work:
 
     batch: EncodedBatch
     arrived: float  # time.monotonic() when the request reached the replica
+    tokens: int = 0  # the tokens its forward computes (a shared prefix once: Scorer.computed_tokens); 0: unknown
 
 
 def batch_tokens(works: Sequence[Work]) -> int:
-    """`batch_size_fn` of the batcher: the tokens a batch would hold.
+    """`batch_size_fn` of the batcher: the tokens a batch would compute (each work's shared prefixes once).
 
     Must never raise: an exception here kills Ray's batch queue and every later request hangs.
     """
     total = 0
     for w in works:
         try:
-            total += max(1, int(w.batch.num_tokens))
+            total += max(1, int(w.tokens or w.batch.num_tokens))
         except Exception:
             total += 1
     return total
 
 
 def split_by_chunks(batch: EncodedBatch, chunks: Sequence[np.ndarray]) -> list[EncodedBatch]:
-    """The sub-batch of each forward chunk of a request too big for one batch (`Scorer.chunks` plans them,
-    models/cutting.py).
+    """The sub-batch of each forward chunk of a request too big for one batch (`Scorer.plan` plans them,
+    models/cutting.py; the sub-batches keep their shared-prefix marks).
 
     Ray's batcher fails an item larger than its budget, so a big request is queued as its chunks, which batch
     like any other request. The chunks are length-sorted, so each holds sequences of similar length: cutting
@@ -141,7 +142,8 @@ class ModelReplica:
             self.scorer = load_scorer(model.model_id, revision=model.revision, family=model.family,
                                       dtype=model.dtype, device=device, max_length=model.max_length,
                                       token=hf_token,
-                                      token_budget=share_token_budget(model.token_budget, device, model.num_gpus))
+                                      token_budget=share_token_budget(model.token_budget, device, model.num_gpus),
+                                      shared_prefix=model.shared_prefix)
             # Fail the deploy now, with the model and the cause, if no forward can run (a kernel the installed
             # torch lacks, a dtype the device refuses): on the forward thread, as every request will run.
             warm = self._executor.submit(self._on_cpus, self.scorer.warmup)
@@ -165,14 +167,15 @@ class ModelReplica:
     async def score(self, batch: EncodedBatch) -> np.ndarray:
         """Raw float32 scores of every sequence of `batch` (one request), in order."""
         arrived = time.monotonic()
+        tokens = self.scorer.computed_tokens(batch)  # what the forwards compute: a shared prefix once
         # Held from arrival to answer: waiting in the batch queue counts as much as being scored.
-        with self.work.track(tokens=batch.num_tokens, pairs=len(batch)):
-            if batch.num_tokens <= self.token_budget:
+        with self.work.track(tokens=tokens, pairs=len(batch)):
+            if tokens <= self.token_budget:
                 raw = await self._score_queued(batch, arrived)
             else:
                 # Listwise: whole lists only (a list's blocks are merged in one score call); a list over the
                 # budget then takes a forward of its own, as a single over-long sequence does.
-                chunks = (self.scorer.chunks(batch.lengths) if batch.groups is None
+                chunks = (self.scorer.plan(batch) if batch.groups is None
                           else plan_groups(batch.lengths, batch.groups, self.token_budget))
                 parts = await asyncio.gather(*(self._score_queued(sub, arrived)
                                                for sub in split_by_chunks(batch, chunks)))
@@ -187,10 +190,11 @@ class ModelReplica:
         return self.work.autoscaling_stats()
 
     async def _score_queued(self, batch: EncodedBatch, arrived: float) -> np.ndarray:
-        if batch.num_tokens > self.token_budget:
+        tokens = self.scorer.computed_tokens(batch)
+        if tokens > self.token_budget:
             # A single sequence longer than the whole budget: its own forward pass, outside the batcher.
             return await self._forward(batch)
-        result = await self._score_batched(Work(batch, arrived))
+        result = await self._score_batched(Work(batch, arrived, tokens))
         if isinstance(result, BaseException):
             raise result
         return result
@@ -210,7 +214,7 @@ class ModelReplica:
             # Isolate the failure: each request alone, so only the one that fails gets an error.
             logger.warning("batch of %d requests failed (%r); scoring them one by one", len(works), exc)
             return [await self._forward_or_error(w.batch) for w in works]
-        self.metrics.fill.observe(merged.num_tokens / self.token_budget)
+        self.metrics.fill.observe(batch_tokens(works) / self.token_budget)
         self.metrics.batch_sequences.observe(len(merged))
         bounds = np.cumsum([0] + [w.batch.num_scores for w in works])
         return [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -291,6 +295,7 @@ class ModelReplica:
                "max_length": self.scorer.max_length,
                "token_budget": self.token_budget, "num_parameters": int(self.scorer.num_parameters),
                "load_time_s": round(self.load_time_s, 3),
+               "shared_prefix": bool(self.scorer.shared_prefix == "auto" and self.scorer.supports_shared_prefix),
                "torch_threads": self.torch_threads, "torch_threads_from": self.threads_from,
                "torch_threads_why": "torch's own setting: the forward runs on the GPU",
                "cpus_seen": self.cpus_seen, "cpu_node": None,

@@ -121,6 +121,7 @@ class PiecesEncoder(Encoder):
 
     accepts_single = False
     accepts_instruction = True
+    shares_prefix = True
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -181,6 +182,40 @@ class CausalLMScorer(Scorer):
     def supports_packed(self) -> bool:
         return self._packable  # base models verified to run packed (models/common.py)
 
+    def set_execution(self, requested: str | None = None) -> str:
+        """As Scorer's; and a base model that runs packed keeps the "packed" attention implementation in padded
+        execution too (it passes padded batches to SDPA unchanged), so that shared prefixes run packed on CPU."""
+        execution = super().set_execution(requested)
+        if self._packable and not self.device.startswith("cuda"):
+            from . import attention
+
+            if self.model.config._attn_implementation != attention.PACKED:
+                self.model.set_attn_implementation(attention.register())
+        return execution
+
+    @property
+    def shared_packed(self) -> bool:
+        """Shared-prefix chunks run packed on CPU too, where the base model can: own parts then carry no padding
+        (their lengths spread more than whole pairs') and prefix keys are not copied per padded row (measured:
+        benchmarks/README.md). Padded CUDA execution (fp32) stays padded: one attention call per sequence there
+        would leave the device idle."""
+        return self.execution == "packed" or (self._packable and not self.device.startswith("cuda"))
+
+    @property
+    def supports_shared_prefix(self) -> bool:
+        return self.shared_prefix_unsupported is None
+
+    @property
+    def shared_prefix_unsupported(self) -> str | None:
+        """Why this model cannot compute shared prefixes once (models/prefix.py), None when it can; it depends on
+        the attention implementation, which follows the execution mode."""
+        from .prefix import unsupported_reason
+
+        implementation = self.model.config._attn_implementation
+        if getattr(self, "_prefix_checked", None) != implementation:
+            self._prefix_reason, self._prefix_checked = unsupported_reason(self.model), implementation
+        return self._prefix_reason
+
     def _attention_modules(self):
         return [self.model]
 
@@ -189,6 +224,11 @@ class CausalLMScorer(Scorer):
 
     def _forward_packed(self, inputs):
         return self.combine(self.logits(last_hidden_packed(self.model, inputs)))
+
+    def _forward_shared(self, inputs):
+        from .prefix import shared_last_hidden
+
+        return self.combine(self.logits(shared_last_hidden(self.model, inputs)))
 
     def _forward_padded(self, input_ids, attention_mask, token_type_ids):
         return self.combine(self.logits(last_hidden_padded(self.model, input_ids, attention_mask)))

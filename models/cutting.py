@@ -5,7 +5,8 @@ Two cuts, both over length-sorted sequences (similar lengths side by side: littl
   call each, so several replicas score it concurrently (serve_app/service.py).
 - forward chunks (`plan_chunks`): at most a token budget each. A model replica queues a request larger than
   its budget as these chunks (Ray's batcher refuses an item over the budget), and `Scorer.score` runs one
-  forward per chunk. Padded chunks count count × longest, packed chunks real tokens.
+  forward per chunk. Padded chunks count count × longest, packed chunks real tokens. Sequences that share a
+  prefix (models/prefix.py) are planned by `plan_shared_chunks`: their own parts, plus each prefix once per chunk.
 Every cut is put back in input order by the one `scatter`.
 
 Listwise batches (models/encoded.py `groups`) are cut between groups only, never inside one: `plan_pieces` and
@@ -54,6 +55,33 @@ def plan_chunks(lengths: np.ndarray, token_budget: int, *, packed: bool) -> list
     order = by_length(lengths)
     chunker = chunk_by_tokens if packed else chunk_by_budget
     return [order[part] for part in chunker(lengths[order], token_budget)]
+
+
+def plan_shared_chunks(lengths: np.ndarray, group: np.ndarray, prefix: np.ndarray, token_budget: int, *,
+                       packed: bool) -> list[np.ndarray]:
+    """Index arrays of the forward chunks of sequences in prefix groups (`group[i]`: sequence i's group, -1 for
+    none; `prefix[g]`: group g's prefix length). A grouped sequence costs its own part (length − prefix), sorted
+    by it; a chunk costs its own parts (padded: count × longest, packed: their sum) plus, once, the prefix of each
+    group it holds. A sequence over the budget gets a chunk of its own."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    own = lengths - np.where(group >= 0, prefix[np.maximum(group, 0)], 0)
+    order = by_length(own)
+    chunks, start, total, groups, fixed = [], 0, 0, set(), 0
+    for k, i in enumerate(order.tolist()):
+        g, size = int(group[i]), int(own[i])
+        extra = int(prefix[g]) if g >= 0 and g not in groups else 0
+        cost = (total + size if packed else (k - start + 1) * size) + fixed + extra
+        if k > start and cost > token_budget:
+            chunks.append(order[start:k])
+            start, total, groups, fixed = k, 0, set(), 0
+            extra = int(prefix[g]) if g >= 0 else 0
+        total += size
+        if extra:
+            groups.add(g)
+            fixed += extra
+    if len(order):
+        chunks.append(order[start:])
+    return chunks
 
 
 def plan_pieces(lengths: np.ndarray, *, piece_tokens: int, max_pieces: int,

@@ -198,6 +198,9 @@ class Encoder:
     # list scored together, and the raw scores are final (cosines: the service applies no sigmoid).
     listwise: bool = False
     sigmoid_scores: bool = True
+    # Causal templates: the tokens before the document (`document_slot(...).before`) are the prefix a request's
+    # pairs may share (models/prefix.py, API.md 1.7).
+    shares_prefix: bool = False
 
     def __init__(self, *, family: str, model_id: str, tokenizer, max_length: int, id2label: dict[int, str]):
         self.family, self.model_id, self.max_length, self.id2label = family, model_id, max_length, id2label

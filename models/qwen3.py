@@ -32,6 +32,7 @@ class Qwen3Encoder(Encoder):
 
     accepts_single = False
     accepts_instruction = True
+    shares_prefix = True
     default_instruction = DEFAULT_INSTRUCTION
 
     def __init__(self, **kw):

@@ -9,6 +9,9 @@ the raw scores back to input order. A chunk runs one of two ways (`Scorer.execut
 "auto" picks packed on CUDA of compute capability >= 8.0 in fp16/bf16 when the model supports it (varlen kernels),
 padded otherwise: on this CPU, length-sorted padded chunks of 4096 tokens were measured as fast as packed
 (benchmarks/cpu_packing.py).
+Either way, a scorer that supports it (`supports_shared_prefix`, causal LMs) runs the sequences the ingress marked
+as sharing a prefix through `_forward_shared` (models/prefix.py): each prefix once per chunk; the budget counts the
+tokens computed.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import logging
 import numpy as np
 import torch
 
-from .cutting import plan_chunks, scatter
+from .cutting import plan_chunks, plan_shared_chunks, scatter
 from .encoded import EncodedBatch
 from .errors import DeviceMemoryError, ModelLoadError
 
@@ -104,9 +107,12 @@ def pad_right(batch: EncodedBatch, index: np.ndarray, pad_id: int, with_types: b
 
 
 def input_tensors(inputs) -> list[torch.Tensor]:
-    """The tensors of one chunk's inputs: a padded (ids, mask, types | None) tuple or a PackedInputs."""
+    """The tensors of one chunk's inputs: a padded (ids, mask, types | None) tuple, a PackedInputs, or inputs that
+    list their own (`tensors()`: models.prefix.SharedPrefixInputs)."""
     if isinstance(inputs, tuple):
         return [t for t in inputs if t is not None]
+    if hasattr(inputs, "tensors"):
+        return inputs.tensors()
     return [t for t in (inputs.input_ids, inputs.position_ids, inputs.cu_seq_lens, inputs.token_type_ids)
             if t is not None]
 
@@ -115,6 +121,8 @@ def move_inputs(inputs, move):
     """`inputs` (as in `input_tensors`) with every tensor replaced by move(tensor)."""
     if isinstance(inputs, tuple):
         return tuple(None if t is None else move(t) for t in inputs)
+    if hasattr(inputs, "map_tensors"):
+        return inputs.map_tensors(move)
     from dataclasses import replace
     m = lambda t: None if t is None else move(t)  # noqa: E731
     return replace(inputs, input_ids=m(inputs.input_ids), position_ids=m(inputs.position_ids),
@@ -167,6 +175,7 @@ class Scorer:
     num_parameters: int
     execution: str  # "packed" | "padded", resolved once the model is loaded (set_execution)
     position_offset: int = 0  # first position id of a packed sequence (pad_token_id + 1 for RoBERTa / XLM-R)
+    shared_prefix: str = "auto"  # "off": prefix marks are ignored, every sequence runs whole (set_shared_prefix)
 
     def __init__(self, *, family: str, model_id: str, encoder, dtype: str, device: str,
                  token_budget: int | None, pad_id: int, uses_token_types: bool = False, execution: str = "auto"):
@@ -203,6 +212,52 @@ class Scorer:
                 attention.use(model, packed=False)
         return self.execution
 
+    # --- shared prefixes (models/prefix.py) ---------------------------------------------------------------------
+    @property
+    def supports_shared_prefix(self) -> bool:
+        """Whether this loaded model computes marked prefixes once (a causal family overrides it)."""
+        return False
+
+    def set_shared_prefix(self, setting: str) -> None:
+        """"auto": share the prefixes the ingress marked where the model supports it; "off": never."""
+        from .prefix import check_setting
+
+        self.shared_prefix = check_setting(setting)
+
+    def shares_prefixes(self, batch: EncodedBatch) -> bool:
+        """Whether `score(batch)` computes some prefix once for several sequences."""
+        return (batch.prefix_lengths is not None and self.shared_prefix == "auto" and self.supports_shared_prefix
+                and len(batch.prefix_groups[1]) > 0)
+
+    def computed_tokens(self, batch: EncodedBatch) -> int:
+        """Tokens `score(batch)` computes as one chunk: each shared prefix once (what token budgets count)."""
+        return batch.computed_tokens if self.shares_prefixes(batch) else batch.num_tokens
+
+    @property
+    def shared_packed(self) -> bool:
+        """Whether chunks with shared prefixes run packed (else padded): as the execution, unless a family knows
+        better."""
+        return self.execution == "packed"
+
+    def plan(self, batch: EncodedBatch) -> list[np.ndarray]:
+        """The forward chunks of `batch`: `chunks(lengths)`, or around its shared prefixes (models/cutting.py)."""
+        if not self.shares_prefixes(batch):
+            return self.chunks(batch.lengths)
+        group, prefix, _ = batch.prefix_groups
+        return plan_shared_chunks(batch.lengths, group, prefix, self.token_budget, packed=self.shared_packed)
+
+    def _shared_inputs(self, batch: EncodedBatch, index: np.ndarray, pin_memory: bool = False):
+        """The chunk's models.prefix.SharedPrefixInputs, None when no two of its sequences share a prefix."""
+        if not self.shares_prefixes(batch):
+            return None
+        from .prefix import shared_inputs
+
+        return shared_inputs(batch, index, packed=self.shared_packed, pad_id=self.pad_id, pin_memory=pin_memory)
+
+    def _forward_shared(self, inputs) -> torch.Tensor:
+        """Raw scores, shape (N,), of a chunk with shared prefixes (a family that supports them implements it)."""
+        raise NotImplementedError
+
     def score(self, batch: EncodedBatch) -> np.ndarray:
         n = len(batch)
         if n == 0:
@@ -211,7 +266,7 @@ class Scorer:
         if lengths.min() < 1:
             raise ValueError("cannot score an empty sequence (no tokens)")
         with torch.inference_mode():
-            chunks = self.chunks(lengths)
+            chunks = self.plan(batch)
             try:
                 return scatter([np.concatenate(chunks)], [self._run_chunks(batch, chunks)], n)
             except Exception as exc:
@@ -284,6 +339,9 @@ class Scorer:
     def _prepare(self, batch: EncodedBatch, index: np.ndarray):
         """Host inputs of one chunk, page-locked on CUDA (an asynchronous copy needs pinned memory)."""
         pin = self.device.startswith("cuda")
+        shared = self._shared_inputs(batch, index, pin_memory=pin)
+        if shared is not None:
+            return shared
         if self.execution == "packed":
             from .packing import pack
             return pack(batch, index, position_offset=self.position_offset, with_token_types=self.uses_token_types,
@@ -294,6 +352,8 @@ class Scorer:
 
     def _run(self, inputs) -> torch.Tensor:
         """The forward of one chunk's device inputs (from `_prepare`, moved): raw scores on the device."""
+        if hasattr(inputs, "map_tensors"):
+            return self._forward_shared(inputs)
         if self.execution == "packed":
             return self._forward_packed(inputs)
         return self._forward_padded(*inputs)
@@ -308,11 +368,17 @@ class Scorer:
     def _score_packed(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
         from .packing import pack
 
+        shared = self._shared_inputs(batch, index)
+        if shared is not None:
+            return self._forward_shared(shared.to(self.device)).float().cpu().numpy()
         inputs = pack(batch, index, position_offset=self.position_offset, with_token_types=self.uses_token_types)
         scores = self._forward_packed(inputs.to(self.device))
         return scores.float().cpu().numpy()
 
     def _score_padded(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
+        shared = self._shared_inputs(batch, index)
+        if shared is not None:
+            return self._forward_shared(shared.to(self.device)).float().cpu().numpy()
         ids, mask, types = pad_right(batch, index, self.pad_id, self.uses_token_types)
         to = lambda a: None if a is None else torch.from_numpy(a).to(self.device)  # noqa: E731
         scores = self._forward_padded(to(ids), to(mask), to(types))
@@ -336,17 +402,29 @@ class Scorer:
 
         A kernel or dtype that cannot run fails here, at load time, as a ModelLoadError naming the model and
         the cause, instead of in every request. Replicas also re-run it as a probe when a request fails for a
-        reason that is not the request's: if the probe fails too, the model is broken, not the request."""
+        reason that is not the request's: if the probe fails too, the model is broken, not the request. A model
+        that shares prefixes scores the batch a second time with its prompt shared (its other kernel calls)."""
+        batch = self.encoder.encode(list(self.WARMUP_PAIRS))
+        raw = self._warm(batch, "")
+        if self.shared_prefix == "auto" and self.supports_shared_prefix:
+            from .prefix import mark_shared_prefixes
+
+            marked = mark_shared_prefixes(self.encoder, batch, [q for q, _ in self.WARMUP_PAIRS])
+            if self.shares_prefixes(marked):
+                self._warm(marked, "shared-prefix ")
+        return raw
+
+    def _warm(self, batch: EncodedBatch, what: str) -> np.ndarray:
         try:
-            raw = np.asarray(self.score(self.encoder.encode(list(self.WARMUP_PAIRS))), dtype=np.float32)
+            raw = np.asarray(self.score(batch), dtype=np.float32)
         except Exception as exc:
-            raise ModelLoadError(self.model_id, f"warm-up forward failed ({self.execution} execution, "
+            raise ModelLoadError(self.model_id, f"{what}warm-up forward failed ({self.execution} execution, "
                                                 f"{_name(self.dtype)} on {self.device}): "
                                                 f"{type(exc).__name__}: {exc}") from exc
         if raw.shape != (len(self.WARMUP_PAIRS),) or not np.isfinite(raw).all():
-            raise ModelLoadError(self.model_id, f"warm-up forward ({self.execution} execution, {_name(self.dtype)} "
-                                                f"on {self.device}) gave scores {raw.tolist()}, not "
-                                                f"{len(self.WARMUP_PAIRS)} finite numbers")
+            raise ModelLoadError(self.model_id, f"{what}warm-up forward ({self.execution} execution, "
+                                                f"{_name(self.dtype)} on {self.device}) gave scores {raw.tolist()}, "
+                                                f"not {len(self.WARMUP_PAIRS)} finite numbers")
         return raw
 
     def __repr__(self) -> str:

@@ -96,6 +96,7 @@ class Spec:
 class StCausalEncoder(Encoder):
     accepts_single = False
     accepts_instruction = True
+    shares_prefix = True
 
     def __init__(self, *, spec: Spec, model_type: str, **kw):
         super().__init__(**kw)

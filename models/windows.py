@@ -40,6 +40,11 @@ class DocumentSlot:
         return len(self.before) + len(self.after)
 
 
+def window_query_tokens(max_length: int) -> int:
+    """The query tokens a window's template keeps (API.md 1.6: the query's first max_length // 2 tokens)."""
+    return max_length // 2
+
+
 def window_starts(num_doc_tokens: int, window: int, overlap: int, max_chunks: int) -> list[int]:
     """Starts s = 0, stride, 2·stride, ... up to and including the first window d[s:s+window] that reaches the
     end of the document, at most `max_chunks` of them (stride = window − overlap)."""
@@ -153,7 +158,7 @@ def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate
                 if not _fits(encoder, items[i], instruction=instruction, max_tokens_per_doc=max_tokens_per_doc)]
     windows: dict[int, tuple[list[list[int]], list[list[int]] | None]] = {}
     if long:
-        keep = max_length // 2
+        keep = window_query_tokens(max_length)
         slots = {q: encoder.document_slot(q, keep, instruction) for q in dict.fromkeys(items[i][0] for i in long)}
         for i in long:
             doc_ids, slot = docs[i], slots[items[i][0]]

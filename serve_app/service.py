@@ -18,6 +18,7 @@ import numpy as np
 from models.cutting import plan_pieces, scatter
 from models.encoded import EncodedBatch
 from models.errors import InputError
+from models.prefix import encode_marked
 from models.windows import encode_windows
 from serve_app.schemas import (ApiError, CohereRerankRequest, CohereRerankResponse, CohereResult, PredictRequest,
                                PredictResponse, PredictScore, RerankRequest, RerankResponse, RerankResult,
@@ -165,15 +166,20 @@ class RerankService:
                                **kwargs: Any) -> tuple[np.ndarray, int]:
         """(raw score per item, tokens scored). With long_documents "chunk" (API.md 1.6) a pair that does not fit
         is several sequences of the one batch (its windows), scored and fanned out like any others; its score is
-        the max over them, and every window's tokens count. `field` names the request's list of items, and
-        `query_field` its query where that is one field of its own (the rerank routes), in errors."""
-        if (long_documents or model.long_documents) == "chunk":
-            windowed = await self._in_thread(partial(encode_windows, self.encoders[model.name]), items, field,
-                                             query_field, chunk_overlap=model.chunk_overlap,
-                                             max_chunks=model.max_chunks, **kwargs)
-            return windowed.reduce(await self.score(model, windowed.batch)), windowed.num_tokens
-        batch = await self.encode(model, items, field, query_field, **kwargs)
-        return await self.score(model, batch), batch.num_tokens
+        the max over them, and every window's tokens count. With shared_prefix "auto" (API.md 1.7) the batch carries
+        the prefix marks of the family's causal template; the tokens counted are those of pairwise scoring. `field`
+        names the request's list of items, and `query_field` its query where that is one field of its own (the
+        rerank routes), in errors."""
+        encoder = self.encoders[model.name]
+        chunk = (long_documents or model.long_documents) == "chunk"
+        encode = partial(encode_windows, encoder, chunk_overlap=model.chunk_overlap,
+                         max_chunks=model.max_chunks) if chunk else encoder.encode
+        if model.shared_prefix == "auto" and getattr(encoder, "shares_prefix", False):
+            encode = partial(encode_marked, encoder, encode)  # in the same worker thread as the tokenizer
+        encoded = await self._in_thread(encode, items, field, query_field, **kwargs)
+        if chunk:
+            return encoded.reduce(await self.score(model, encoded.batch)), encoded.num_tokens
+        return await self.score(model, encoded), encoded.num_tokens
 
     # --- listwise families (models/jina_v3.py): the documents of a request are one list, scored together -------
     def _listwise(self, model: ModelSettings) -> bool:
@@ -196,15 +202,17 @@ class RerankService:
         max_pieces = min(model.max_fanout, model.max_ongoing_requests)
         piece_tokens = self._piece_tokens[model.name]
         # The replica count is asked only for a request that could be cut: most requests go whole anyway.
-        replicas = await _replicas(backend) if batch.num_tokens >= 2 * piece_tokens and max_pieces > 1 else None
+        tokens = batch.computed_tokens  # a shared prefix counts once (models/prefix.py)
+        replicas = await _replicas(backend) if tokens >= 2 * piece_tokens and max_pieces > 1 else None
         if replicas is not None:
             # Pieces pay only where several replicas share them: one replica (which uses every CPU it sees)
             # would merge them back into the same forward batches, and each piece costs the ingress a handle
             # call (measured: 8 pieces a request took ~20% of the ingress CPU, benchmarks/README.md).
             # Two per replica keep replicas even when Ray's router sends two pieces to the same one.
             max_pieces = 1 if replicas <= 1 else min(max_pieces, 2 * replicas)
-        # A listwise batch is cut between its lists only (its groups), never inside one.
-        pieces = plan_pieces(batch.lengths, piece_tokens=piece_tokens, max_pieces=max_pieces, groups=batch.groups)
+        # A listwise batch is cut between its lists only (its groups), never inside one; a shared prefix is
+        # computed once per piece, so pieces are sized by the sequences' own parts.
+        pieces = plan_pieces(batch.own_lengths, piece_tokens=piece_tokens, max_pieces=max_pieces, groups=batch.groups)
         if len(pieces) == 1:
             parts = [await backend.score(batch)]
         else:
@@ -350,6 +358,10 @@ class RerankService:
             "long_documents": model.long_documents,
             "chunk_overlap": model.chunk_overlap,
             "max_chunks": model.max_chunks,
+            "shared_prefix": model.shared_prefix,
+            # Whether prefixes are really computed once: the setting, the family's template and the loaded model.
+            "shared_prefix_active": (model.shared_prefix == "auto" and bool(getattr(encoder, "shares_prefix", False))
+                                     and loaded.get("shared_prefix")) if loaded else None,
             "num_parameters": loaded.get("num_parameters"),
             "loaded": bool(loaded),
             "batching": {

@@ -61,6 +61,11 @@ class ModelSettings(BaseModel):
         "Tokens shared by consecutive windows (at most half a window)."))
     max_chunks: PositiveInt = Field(default=32, description="Windows scored per document at most; later text "
                                                             "is not scored.")
+    # Shared prefix (API.md 1.7): a request's prompt before the documents computed once, scores unchanged.
+    shared_prefix: Literal["auto", "off"] = Field(default="auto", description=(
+        "auto: for models whose input puts the query before the document (the causal-LM families), the tokens every "
+        "pair of a request starts with run once per forward batch and each document attends to them; pairs whose "
+        "tokens do not start with them run whole. off: every pair runs whole."))
 
     # How it is served.
     num_replicas: Union[PositiveInt, Literal["auto"]] = Field(default=1, description=(

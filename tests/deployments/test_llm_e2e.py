@@ -68,6 +68,15 @@ def test_info_names_every_family_and_instruction_support(llm_app):
         {"st": True, "mxbai": True, "gemma": True, "modular": False}
 
 
+def test_info_shows_shared_prefixes_active_for_the_causal_families(llm_app):
+    """The replicas report whether they compute a request's prompt once (API.md 1.7): the causal families by
+    default, never a cross-encoder (the scores above came through that path and equal their references)."""
+    url, _ = llm_app
+    models = {m["name"]: m for m in requests.get(url + "/info", timeout=30).json()["models"]}
+    assert {n: (m["shared_prefix"], m["shared_prefix_active"]) for n, m in models.items()} == \
+        {"st": ("auto", True), "mxbai": ("auto", True), "gemma": ("auto", True), "modular": ("auto", False)}
+
+
 def test_instruction_for_a_model_without_one_is_a_422(llm_app):
     url, _ = llm_app
     r = requests.post(url + "/rerank", json={"query": "q", "texts": ["d"], "model": "modular",

@@ -85,6 +85,12 @@ class FakeScorer:
     def warmup(self) -> np.ndarray:  # as models.scoring.Scorer.warmup: a tiny batch of its own
         return self.score(batch_of([2, 3], start_id=1000))
 
+    def computed_tokens(self, batch: EncodedBatch) -> int:  # as Scorer.computed_tokens for a model sharing nothing
+        return batch.num_tokens
+
+    def plan(self, batch: EncodedBatch) -> list[np.ndarray]:  # as Scorer.plan: its chunks
+        return self.chunks(batch.lengths)
+
 
 class _NoMetric:
     def __init__(self):
@@ -274,3 +280,64 @@ def test_a_device_that_cannot_run_the_warm_up_any_more_makes_the_replica_unhealt
     assert isinstance(run_batch(r, [Work(batch_of([1]), 0.0)])[0], torch.OutOfMemoryError)
     with pytest.raises(RuntimeError, match="cannot score the warm-up batch any more"):
         r.check_health()
+
+
+# --- shared prefixes (API.md 1.7): the budget counts the tokens computed, marks survive every cut ----------------
+
+def test_batch_tokens_counts_what_the_forward_computes():
+    works = [Work(batch_of([30, 30]), 0.0, tokens=35), Work(batch_of([10]), 0.0)]
+    assert batch_tokens(works) == 35 + 10  # a shared prefix once; 0 (unknown) falls back to the token count
+
+
+@pytest.fixture(scope="module")
+def qwen_scorer(tiny):
+    from models import load_scorer
+
+    return load_scorer(str(tiny["qwen"]), dtype="float32", device="cpu", token_budget=300)
+
+
+def marked_request(scorer, query, docs):
+    from models.prefix import mark_shared_prefixes
+
+    return mark_shared_prefixes(scorer.encoder, scorer.encoder.encode([(query, d) for d in docs]), [query] * len(docs))
+
+
+def test_a_big_marked_request_is_queued_as_chunks_that_keep_their_marks(qwen_scorer):
+    from tests.tiny_models import DOCS, QUERIES
+
+    r = replica(qwen_scorer, budget=300)
+    seen = []
+
+    async def fake_batched(work):  # stands in for Ray's batcher: one forward per queued chunk
+        seen.append(work)
+        return r.scorer.score(work.batch)
+    r._score_batched = fake_batched
+    from autoscaling import WorkTracker
+    r.work = WorkTracker(token_budget=300)
+    batch = marked_request(qwen_scorer, QUERIES[0], DOCS * 2)
+    assert batch.num_tokens > batch.computed_tokens > 300
+    out = asyncio.run(r.score(batch))
+    assert np.abs(out - qwen_scorer.score(batch.with_prefix_lengths(None))).max() <= 1e-5
+    assert len(seen) > 1 and all(w.batch.prefix_lengths is not None for w in seen)
+    # Each chunk was queued with the tokens its forward computes (its prefix once), within the budget.
+    assert all(w.tokens == w.batch.computed_tokens <= 300 for w in seen)
+    assert any(w.tokens < w.batch.num_tokens for w in seen)
+
+
+def test_requests_merged_in_one_batch_share_their_common_prefix(qwen_scorer):
+    from tests.tiny_models import DOCS, QUERIES
+
+    r = replica(qwen_scorer, budget=4096)
+    first, second = (marked_request(qwen_scorer, QUERIES[0], docs) for docs in (DOCS[:3], DOCS[3:]))
+    other = marked_request(qwen_scorer, QUERIES[1], DOCS[:2])
+    forwards = []
+    score = qwen_scorer.score
+    r.scorer = type("Spy", (), {"score": lambda self, b: forwards.append(b) or score(b),
+                                "computed_tokens": qwen_scorer.computed_tokens})()
+    out = run_batch(r, [Work(first, 0.0), Work(second, 0.0), Work(other, 0.0)])
+    merged = forwards[0]
+    assert len(forwards) == 1 and len(merged.prefix_groups[1]) == 2  # two distinct prompts, one group each
+    assert merged.computed_tokens == first.num_tokens + second.num_tokens + other.num_tokens \
+        - (len(DOCS) - 1) * first.prefix_lengths[0] - (2 - 1) * other.prefix_lengths[0]
+    for got, batch in zip(out, (first, second, other)):
+        assert np.abs(got - score(batch.with_prefix_lengths(None))).max() <= 1e-5

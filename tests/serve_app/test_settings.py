@@ -79,6 +79,7 @@ def test_secrets_come_from_the_environment(monkeypatch):
     ({"models": [{"model_id": "x/a", "long_documents": "bogus"}]}, "long_documents"),
     ({"models": [{"model_id": "x/a", "chunk_overlap": -1}]}, "chunk_overlap"),
     ({"models": [{"model_id": "x/a", "max_chunks": 0}]}, "max_chunks"),
+    ({"models": [{"model_id": "x/a", "shared_prefix": "on"}]}, "shared_prefix"),
     ({"unknown_top_level": True}, "unknown_top_level"),
 ])
 def test_bad_settings_are_rejected_with_a_message(raw, fragment):
@@ -282,6 +283,15 @@ def test_long_document_settings_defaults():
     m = AppSettings.model_validate({"models": [{"model_id": "x/a", "long_documents": "chunk", "chunk_overlap": 0,
                                                 "max_chunks": 1}]}).models[0]
     assert (m.long_documents, m.chunk_overlap, m.max_chunks) == ("chunk", 0, 1)
+
+
+def test_shared_prefix_is_auto_unless_turned_off():
+    assert AppSettings.model_validate({"models": [{"model_id": "x/a"}]}).models[0].shared_prefix == "auto"
+    m = AppSettings.model_validate({"models": [{"model_id": "x/a", "shared_prefix": "off"}]}).models[0]
+    assert m.shared_prefix == "off"
+    with pytest.raises(ValidationError) as e:  # a failed deploy naming the setting, before anything starts
+        build_app({"models": [{"model_id": "x/a", "shared_prefix": True}]})
+    assert "shared_prefix" in str(e.value)
 
 
 # --- `serve run serve_app:build_app model_id=...`: one model from the command line ------------------------------
