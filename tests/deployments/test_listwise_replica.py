@@ -40,6 +40,9 @@ class Recording:
     def warmup(self):
         return self.scorer.warmup()
 
+    def __getattr__(self, name):  # everything else the replica reads (computed_tokens, shared_prefix...)
+        return getattr(self.scorer, name)
+
 
 def test_lists_of_several_requests_share_one_forward_and_come_back_apart(jina):
     scorer, ref = jina

@@ -67,6 +67,7 @@ class ShareScorer:
     """A loaded model as the replica sees it; forwards of more than `fits` tokens run out of memory."""
 
     family, dtype, device, execution, num_parameters = "seq_cls", "bfloat16", "cuda", "packed", 1000
+    shared_prefix, supports_shared_prefix = "auto", False  # an encoder family: no prefix to share
 
     def __init__(self, encoder, token_budget, fits):
         self.encoder, self.token_budget, self.max_length, self.fits = encoder, token_budget, encoder.max_length, fits
@@ -77,6 +78,9 @@ class ShareScorer:
         if batch.num_tokens > self.fits:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch.num_tokens} MiB")
         return np.zeros(len(batch), dtype=np.float32)
+
+    def computed_tokens(self, batch):
+        return int(batch.num_tokens)
 
     def warmup(self):
         return self.score(self.encoder.encode([("warm-up query", "a short warm-up passage")]))
