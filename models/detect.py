@@ -1,5 +1,5 @@
 """Which family a model directory belongs to, read from its files (no weights loaded): each registered family's
-own rule, tried in the registry's order (models/families.py)."""
+own rule, tried in the registry's order (models/families/__init__.py)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -194,8 +194,8 @@ class Encoder:
     accepts_instruction: bool = False
     default_instruction: str | None = None
     exact_slots: bool = False
-    # Listwise families (models/jina_v3.py): `encode(..., one_list=True)` reads a rank request's documents as one
-    # list scored together, and the raw scores are final (cosines: the service applies no sigmoid).
+    # Listwise families (models/families/jina_v3.py): `encode(..., one_list=True)` reads a rank request's documents
+    # as one list scored together, and the raw scores are final (cosines: the service applies no sigmoid).
     listwise: bool = False
     sigmoid_scores: bool = True
     # Causal templates: the tokens before the document (`document_slot(...).before`) are the prefix a request's

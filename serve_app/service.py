@@ -181,7 +181,7 @@ class RerankService:
             return encoded.reduce(await self.score(model, encoded.batch)), encoded.num_tokens
         return await self.score(model, encoded), encoded.num_tokens
 
-    # --- listwise families (models/jina_v3.py): the documents of a request are one list, scored together -------
+    # --- listwise families (models/families/jina_v3.py): the documents of a request are one list, scored together ---
     def _listwise(self, model: ModelSettings) -> bool:
         return bool(getattr(self.encoders[model.name], "listwise", False))
 

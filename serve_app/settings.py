@@ -48,7 +48,7 @@ class ModelSettings(BaseModel):
     name: str = Field(default="", description="Name clients put in `model`; default: the model_id.")
     model_id: str = Field(description="Hugging Face Hub id or local directory.")
     revision: str | None = None
-    family: Literal[("auto", *FAMILIES)] = "auto"  # models/families.py: every registered family
+    family: Literal[("auto", *FAMILIES)] = "auto"  # models/families/__init__.py: every registered family
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_length: PositiveInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

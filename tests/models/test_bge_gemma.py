@@ -21,7 +21,7 @@ import pytest
 
 from models import InputTooLongError, ModelLoadError, PairRequiredError, attention, detect_family, load_encoder, \
     load_scorer
-from models.bge_gemma import DEFAULT_PROMPT
+from models.families.bge_gemma import DEFAULT_PROMPT
 from tests.llm_rerankers import build_bge_gemma
 from tests.tiny_models import DOCS, QUERIES
 

@@ -389,7 +389,7 @@ def _sliding_qwen3():
 @pytest.mark.parametrize("packed", [False, True])
 def test_sliding_window_layers_see_the_same_keys_as_pairwise(packed):
     """A window shorter than the prefix: an own token must not see prefix keys beyond it."""
-    from models.causal import last_hidden_padded
+    from models.causal_lm import last_hidden_padded
 
     model = _sliding_qwen3()
     rows = [[3, 4, 5, 6, 7, 8, 9, 10] + tail for tail in ([11], [12, 13, 14], [15, 16, 17, 18, 19, 20], [21, 22])]

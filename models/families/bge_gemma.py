@@ -11,20 +11,21 @@ or, with no real tokenizer limit, FlagEmbedding's default L of 512 plus that ove
 Cuts keep the start (Right) or the end (Left) of a piece, as the tokenizer's `truncation_side` does.
 A request's `instruction` replaces the prompt (FlagEmbedding's `prompt`).
 
-No sentence-transformers config names the model a reranker: it is recognised by its name (models/families.py).
+No sentence-transformers config names the model a reranker: it is recognised by its name (the registry's
+`model_names`).
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep
-from .common import load_config, position_limit, real_tokenizer_limit, resolve_max_length
-from .encoded import EncodedBatch
-from .encoding import check_items
-from .errors import InputTooLongError, ModelLoadError
-from .families import Family
-from .tokenization import load_tokenizer
+from ..causal_lm import CausalLMScorer, PiecesEncoder, cut_second, keep
+from ..common import load_config, position_limit, real_tokenizer_limit, resolve_max_length
+from ..encoded import EncodedBatch
+from ..encoding import check_items
+from ..errors import InputTooLongError, ModelLoadError
+from ..tokenization import load_tokenizer
+from . import Family
 
 NAME = "bge_gemma"
 SEP = "\n"
@@ -104,7 +105,7 @@ class BgeGemmaEncoder(PiecesEncoder):
     def document_slot(self, query, query_tokens, instruction=None):
         """[bos] + tokens of "A: {q}" (q decoded back from its kept tokens) + "\\n" + tokens of "B: " | window |
         "\\n" + prompt: FlagEmbedding's separately tokenized pieces (API.md 1.6)."""
-        from .windows import DocumentSlot
+        from ..windows import DocumentSlot
 
         check_items(self, (), instruction)
         q_ids = self._piece(QUERY_FORMAT.format(self.kept_query(query, query_tokens)))

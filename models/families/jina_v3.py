@@ -29,13 +29,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import load_config, position_limit, resolve_max_length
-from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
-from .errors import InputError, InputTooLongError, ModelLoadError
-from .families import Family
-from .scoring import Scorer
-from .tokenization import load_tokenizer
+from ..common import load_config, position_limit, resolve_max_length
+from ..encoded import EncodedBatch
+from ..encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from ..errors import InputError, InputTooLongError, ModelLoadError
+from ..scoring import Scorer
+from ..tokenization import load_tokenizer
+from . import Family
 
 FAMILY_NAME = "jina_v3"
 
@@ -258,9 +258,9 @@ class JinaScorer(Scorer):
                  token_budget: int | None, execution: str = "auto"):
         from transformers import AutoModel
 
-        from .causal import pad_token_id
-        from .common import from_pretrained, torch_dtype
-        from .packing import packed_position_offset
+        from ..causal_lm import pad_token_id
+        from ..common import from_pretrained, torch_dtype
+        from ..packing import packed_position_offset
 
         config = _qwen3_config(model_id, model_dir)
         encoder = _encoder(model_id, model_dir, config, max_length)
@@ -340,7 +340,7 @@ class JinaScorer(Scorer):
 
         chunk = batch.select(index)
         if self.execution == "packed":
-            from .packing import pack
+            from ..packing import pack
 
             flat = chunk.input_ids  # select() starts the chunk at offset 0: the packed row's positions
             q_pos = np.flatnonzero(flat == self.encoder.query_marker_id)
@@ -351,7 +351,7 @@ class JinaScorer(Scorer):
             hidden = self.model(**inputs.model_kwargs(), use_cache=False).last_hidden_state[0]
             return (hidden.index_select(0, torch.as_tensor(q_pos, device=self.device)),
                     hidden.index_select(0, torch.as_tensor(d_pos, device=self.device)))
-        from .scoring import pad_right
+        from ..scoring import pad_right
 
         ids, mask, _ = pad_right(chunk, np.arange(len(chunk)), self.pad_id, False)
         q_rows, q_cols = np.nonzero((ids == self.encoder.query_marker_id) & (mask == 1))

@@ -1,7 +1,7 @@
 """The registry of reranker families: which exist, in which order detection tries them, and where each lives.
 
-A family is one module of models/ that ends with `FAMILY = Family(...)`: its name, its detection rule, its encoder
-loader and its scorer class. Detection (detect.py), `load_encoder` / `load_scorer` (models/__init__.py), the
+A family is one module of models/families/ that ends with `FAMILY = Family(...)`: its name, its detection rule,
+its encoder loader and its scorer class. Detection (detect.py), `load_encoder` / `load_scorer` (models/__init__.py), the
 settings' `family` values and `/info` all read this registry. Adding a family = its module + one line below.
 
 The names are plain data: a family's module is imported only when `get` asks for it.
@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-# name -> module under models/, in DETECTION ORDER: the first family whose rule matches a model wins.
+# name -> module of models/families/, in DETECTION ORDER: the first family whose rule matches a model wins.
 _MODULES = {
     "st_causal": "st_causal",  # modules.json with a LogitScore: Sentence Transformers causal CrossEncoder
     "modular": "modular",  # modules.json: Transformer -> Pooling -> Dense...
@@ -49,7 +49,7 @@ class ModelFiles:
 
     @cached_property
     def config(self) -> dict:
-        from .common import read_json
+        from ..common import read_json
 
         return read_json(self.model_id, self.config_dir / "config.json")
 
@@ -77,7 +77,8 @@ def get(name: str) -> Family:
     """The registered family `name` (its module imported on first use)."""
     module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
     family = module.FAMILY
-    assert family.name == name, f"models/{_MODULES[name]}.py declares {family.name!r}, registered as {name!r}"
+    assert family.name == name, \
+        f"models/families/{_MODULES[name]}.py declares {family.name!r}, registered as {name!r}"
     return family
 
 
