@@ -3,7 +3,7 @@
 The checkpoint is a Qwen3 causal LM whose output head is unused (its `lm_head` is the identity; the weights are
 `model.*`) plus a projector MLP `projector.0` (hidden -> hidden/2, no bias), ReLU, `projector.2` (-> 512, no
 bias). The tokenizer carries two marker tokens: `<|embed_token|>` closes each document, `<|rerank_token|>` the
-query. Scores follow the model's own `JinaForRanking.rerank()` (API.md section 2), no remote code run:
+query. Scores follow the model's own `JinaForRanking.rerank()` (docs/API.md, Scores), no remote code run:
 
 1. the query is cut to 512 tokens and each document to 2048 (`max_tokens_per_doc` lowers that), by tokens, and a
    text that reaches the cut is DECODED back from its kept tokens (a cut inside a multi-byte character becomes
@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..common import load_config, position_limit, resolve_max_length
+from ..config import load_config, position_limit, resolve_max_length
 from ..encoded import EncodedBatch
 from ..encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
 from ..errors import InputError, InputTooLongError, ModelLoadError
@@ -259,7 +259,7 @@ class JinaScorer(Scorer):
         from transformers import AutoModel
 
         from ..causal_lm import pad_token_id
-        from ..common import from_pretrained, torch_dtype
+        from ..loading import from_pretrained, torch_dtype
         from ..packing import packed_position_offset
 
         config = _qwen3_config(model_id, model_dir)

@@ -17,9 +17,9 @@ import re
 from pathlib import Path
 
 from ..causal_lm import CausalLMScorer, PiecesEncoder, cut_second, keep
-from ..common import load_config, position_limit, resolve_max_length
+from ..config import load_config, position_limit, resolve_max_length
 from ..encoded import EncodedBatch
-from ..encoding import check_items
+from ..encoding import DocumentSlot, check_items
 from ..errors import InputTooLongError, ModelLoadError
 from ..tokenization import load_tokenizer
 from . import Family
@@ -85,9 +85,7 @@ class MxbaiEncoder(PiecesEncoder):
 
     def document_slot(self, query, query_tokens, instruction=None):
         """prefix + tokens of the query piece (q decoded back from its kept tokens) + "\\n" + tokens of "document: "
-        | window | "\\n" + task prompt + suffix: the package's separately tokenized pieces (API.md 1.6)."""
-        from ..windows import DocumentSlot
-
+        | window | "\\n" + task prompt + suffix: the package's separately tokenized pieces (docs/API.md, Long documents)."""
         check_items(self, (), instruction)
         q_ids = self._piece(query_text(self.kept_query(query, query_tokens), instruction))
         return DocumentSlot(self.prefix_ids + q_ids + self.sep_ids + self._piece(DOC_FORMAT.format("")),

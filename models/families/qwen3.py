@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..causal_lm import CausalLMScorer
-from ..common import load_config, position_limit, resolve_max_length
+from ..config import load_config, position_limit, resolve_max_length
 from ..encoded import EncodedBatch
-from ..encoding import Encoder, backend_copy
+from ..encoding import DocumentSlot, Encoder, backend_copy
 from ..errors import InputTooLongError, ModelLoadError
 from ..tokenization import load_tokenizer
 from . import Family
@@ -68,10 +68,8 @@ class Qwen3Encoder(Encoder):
         return EncodedBatch.from_lists(ids)
 
     def document_slot(self, query, query_tokens, instruction=None):
-        """prefix + tokens of "<Instruct>: …\\n<Query>: {q}\\n<Document>: " as one piece | window | suffix (API.md 1.6),
+        """prefix + tokens of "<Instruct>: …\\n<Query>: {q}\\n<Document>: " as one piece | window | suffix (docs/API.md, Long documents),
         q decoded back from the query's first `query_tokens` tokens when it has more."""
-        from ..windows import DocumentSlot
-
         query = self.kept_query(query, query_tokens)
         instruction = self.default_instruction if instruction is None else instruction
         piece = self.plain_tokenizer().encode(format_content(instruction, query, ""), add_special_tokens=False).ids

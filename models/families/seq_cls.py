@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..common import from_pretrained, load_config, torch_dtype
+from ..config import load_config
 from ..encoding import PairEncoder
+from ..loading import from_pretrained, torch_dtype
 from ..modernbert import cls_only_last_layer
 from ..packing import packed_position_offset
 from ..pooling import pool_packed
