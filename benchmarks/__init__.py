@@ -1,1 +1,1 @@
-"""Side-by-side speed measurements (issue 4). Never imported by the service."""
+"""Side-by-side speed measurements. Never imported by the service."""

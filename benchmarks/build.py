@@ -81,7 +81,7 @@ def qwen_tokenizer(extra_specials: tuple[str, ...] = (), extra_corpus: tuple[str
     """Qwen-style: byte-level BPE, no special tokens added, ChatML specials, 'yes'/'no' single tokens, left pad."""
     from transformers import PreTrainedTokenizerFast
 
-    from models.qwen3 import DEFAULT_INSTRUCTION, PREFIX, SUFFIX  # the template's words must tokenize sanely
+    from models.families.qwen3 import DEFAULT_INSTRUCTION, PREFIX, SUFFIX  # the template's words must tokenize sanely
 
     vocab_words = words()
     corpus = [" " + " ".join(vocab_words[i:i + 50]) for i in range(0, len(vocab_words), 50)]
@@ -96,7 +96,7 @@ def qwen_tokenizer(extra_specials: tuple[str, ...] = (), extra_corpus: tuple[str
 
 def jina_tokenizer():
     """The Qwen-style benchmark tokenizer plus jina-reranker-v3's marker tokens and prompt words."""
-    from models.jina_v3 import block_prompt
+    from models.families.jina_v3 import block_prompt
 
     return qwen_tokenizer(tuple(JINA_MARKERS), (block_prompt("query", ["passage"], "instruction"),))
 

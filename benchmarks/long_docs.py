@@ -1,4 +1,4 @@
-"""Long documents (API.md 1.6): the cost of `long_documents: "chunk"` next to plain truncation, in process.
+"""Long documents (docs/API.md): the cost of `long_documents: "chunk"` next to plain truncation, in process.
 
     python -m benchmarks.long_docs [--docs 100] [--doc-tokens 2000] [--model ettin-17m] [--max-length 512]
                                    [--device cpu] [--repeats 1] [--out results.json]

@@ -55,7 +55,7 @@ def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def qwen_st_pairs(pairs):
     """Qwen3-Reranker's template split in two halves for CrossEncoder.predict: the Qwen tokenizer adds no special
     tokens and joins a pair as-is, so ST sees exactly the tokens the official recipe (and our encoder) builds."""
-    from models.qwen3 import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
+    from models.families.qwen3 import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
     return [(f"{PREFIX}<Instruct>: {DEFAULT_INSTRUCTION}\n<Query>: {q}", f"\n<Document>: {d}{SUFFIX}")
             for q, d in pairs]
 

@@ -1,4 +1,4 @@
-"""Ray's exceptions as the HTTP errors of API.md section 3, at the Ray boundary (the ingress replica).
+"""Ray's exceptions as the HTTP errors of docs/API.md, Errors, at the Ray boundary (the ingress replica).
 
 serve_app/ maps its own and models/' exceptions without knowing Ray (serve_app.schemas.map_exception); what a
 handle call can raise besides them (a replica's exception wrapped in a RayTaskError, backpressure, replicas

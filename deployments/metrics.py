@@ -39,7 +39,7 @@ class IngressMetrics:
         self.requests = Counter("rerank_requests", description="HTTP requests answered, by model, route and status.",
                                 tag_keys=("model", "route", "status"))
         self.errors = Counter("rerank_errors", description="Error answers, by model, route and error_type "
-                              "(API.md section 3).", tag_keys=("model", "route", "error_type"))
+                              "(docs/API.md, Errors).", tag_keys=("model", "route", "error_type"))
         self.latency = Histogram("rerank_http_latency_seconds", description="Request received by the ingress to "
                                  "answer sent: parsing, tokenizing, scoring, shaping.", boundaries=LATENCY_BUCKETS_S,
                                  tag_keys=("model", "route"))

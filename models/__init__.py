@@ -12,14 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import families
-from .common import resolve_device, resolve_dtype
-from .detect import detect_family
 from .encoded import EncodedBatch
 from .encoding import Encoder
 from .errors import (InputError, InputTooLongError, InstructionNotSupportedError, ModelLoadError,
                      PairRequiredError)
-from .families import FAMILIES
+from .families import FAMILIES, detect_family
 from .hub import resolve_model_dir
+from .loading import resolve_device, resolve_dtype
 from .scoring import Scorer
 
 __all__ = ["EncodedBatch", "ModelLoadError", "InputError", "InputTooLongError", "PairRequiredError",

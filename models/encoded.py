@@ -3,12 +3,12 @@
 Flat int32 token ids plus int64 offsets (and int8 token types where the model uses them): a few numpy
 arrays pickle in microseconds, where nested Python lists of ints cost far more to ship between processes.
 
-Listwise families (models/jina_v3.py) add two per-sequence arrays: a sequence is then a block prompt of several
-documents (`outputs`: how many scores it yields), and the blocks of one list are scored together (`groups`: the
-list each belongs to). Every layer that cuts a batch keeps a group whole (models/cutting.py), and scores travel in
-sequence order, `outputs[i]` of them for sequence i (`score_index`).
+Listwise families (models/families/jina_v3.py) add two per-sequence arrays: a sequence is then a block prompt of
+several documents (`outputs`: how many scores it yields), and the blocks of one list are scored together
+(`groups`: the list each belongs to). Every layer that cuts a batch keeps a group whole (models/cutting.py), and
+scores travel in sequence order, `outputs[i]` of them for sequence i (`score_index`).
 
-Shared prefixes (API.md 1.7, models/prefix.py): every sequence keeps ALL its tokens (what pairwise scoring sees,
+Shared prefixes (docs/API.md, Shared prefix, models/prefix.py): every sequence keeps ALL its tokens (what pairwise scoring sees,
 so lengths, token counts and /tokenize are unchanged); `prefix_lengths[i]` > 0 says that its first tokens may be
 computed once for every sequence of the batch that starts with the same tokens. Sequences are grouped by those
 tokens themselves, so a group can never hold two different prefixes, and `select` / `concat` (fan-out pieces,

@@ -5,6 +5,7 @@ setting has its own backend copy, configured once, so concurrent calls never rec
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from tokenizers import Encoding, Tokenizer
@@ -166,10 +167,27 @@ def check_items(encoder, items: Sequence[Item], instruction: str | None) -> None
                                     "texts, not a single one", index=i)
 
 
+@dataclass(frozen=True)
+class DocumentSlot:
+    """A template around a document: `before + doc + after` is the model's input for this query (and
+    instruction). `doc_type` is the token type of the document's tokens; types are None where the model uses none.
+    """
+
+    before: list[int]
+    after: list[int]
+    before_types: list[int] | None = None
+    after_types: list[int] | None = None
+    doc_type: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.before) + len(self.after)
+
+
 class Encoder:
     """Turns (query, document) items into an EncodedBatch the family's Scorer takes. Light: tokenizer only.
 
-    Long documents (API.md 1.6): models/windows.py's `encode_windows(encoder, ...)` scores a pair that does not
+    Long documents (docs/API.md, Long documents): models/windows.py's `encode_windows(encoder, ...)` scores a pair that does not
     fit as windows of its document's tokens; the planner is generic and needs from a family only two things:
       - `encode(items, truncate=False, ...)` raising InputTooLongError for a pair over `max_length` (every
         family does: that is how `truncate: false` works), and
@@ -194,12 +212,12 @@ class Encoder:
     accepts_instruction: bool = False
     default_instruction: str | None = None
     exact_slots: bool = False
-    # Listwise families (models/jina_v3.py): `encode(..., one_list=True)` reads a rank request's documents as one
-    # list scored together, and the raw scores are final (cosines: the service applies no sigmoid).
+    # Listwise families (models/families/jina_v3.py): `encode(..., one_list=True)` reads a rank request's documents
+    # as one list scored together, and the raw scores are final (cosines: the service applies no sigmoid).
     listwise: bool = False
     sigmoid_scores: bool = True
     # Causal templates: the tokens before the document (`document_slot(...).before`) are the prefix a request's
-    # pairs may share (models/prefix.py, API.md 1.7).
+    # pairs may share (models/prefix.py, docs/API.md, Shared prefix).
     shares_prefix: bool = False
 
     def __init__(self, *, family: str, model_id: str, tokenizer, max_length: int, id2label: dict[int, str]):
@@ -213,13 +231,13 @@ class Encoder:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
 
-    # --- long documents (API.md 1.6) -------------------------------------------------------------------------
+    # --- long documents (docs/API.md, Long documents) -------------------------------------------------------------------------
     @property
     def supports_windows(self) -> bool:
         return type(self).document_slot is not Encoder.document_slot
 
-    def document_slot(self, query: str, query_tokens: int, instruction: str | None = None):
-        """The template around the document for `query` (cut to `query_tokens` tokens): a windows.DocumentSlot."""
+    def document_slot(self, query: str, query_tokens: int, instruction: str | None = None) -> DocumentSlot:
+        """The template around the document for `query` (cut to `query_tokens` tokens)."""
         raise NotImplementedError(f"{type(self).__name__} does not describe its template around the document")
 
     def encode_with_cuts(self, items: Sequence[Item], *, direction: str = "right", instruction: str | None = None,
@@ -244,7 +262,7 @@ class Encoder:
         return direction, queries, docs
 
     def kept_query(self, query: str, query_tokens: int) -> str:
-        """The query, decoded back from its first `query_tokens` tokens when it has more (API.md 1.6): for
+        """The query, decoded back from its first `query_tokens` tokens when it has more (docs/API.md, Long documents): for
         templates that tokenize the query inside a larger piece of text."""
         tok = self.plain_tokenizer()
         ids = tok.encode(query, add_special_tokens=False).ids
@@ -340,8 +358,6 @@ class PairEncoder(Encoder):
         """The post-processor's tokens around the second sequence, for the query's first `query_tokens` tokens.
         Template post-processors insert fixed tokens, so their output around a one-token probe document is their
         output around any document."""
-        from .windows import DocumentSlot
-
         check_items(self, (), instruction)
         tok = self.plain_tokenizer()
         q = tok.encode(query, add_special_tokens=False)

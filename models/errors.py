@@ -1,4 +1,4 @@
-"""Typed errors of models/: the serving layer maps them to HTTP statuses (API.md section 3)."""
+"""Typed errors of models/: the serving layer maps them to HTTP statuses (docs/API.md, Errors)."""
 from __future__ import annotations
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import id2label_of, position_limit, resolve_max_length
+from .config import id2label_of, position_limit, resolve_max_length
 from .encoding import PairEncoder
 from .errors import ModelLoadError
 

@@ -1,9 +1,10 @@
-"""Long documents scored whole (API.md 1.6): a pair that does not fit is scored as overlapping windows of its
+"""Long documents scored whole (docs/API.md, Long documents): a pair that does not fit is scored as overlapping windows of its
 document's tokens, each put into the model's template in the document's place; the pair's raw score is the max
 over its windows.
 
 The planner here is family-agnostic. A family only describes its template around the document through
-`Encoder.document_slot` (the tokens before and after the document for a query); see `Encoder`'s docstring.
+`Encoder.document_slot` (a `DocumentSlot`: the tokens before and after the document for a query); see
+`Encoder`'s docstring in models/encoding.py.
 The windows of all pairs of a request are ordinary sequences of one EncodedBatch (scored, batched and fanned
 out like any other); `WindowedBatch.reduce` takes the max per pair when the scores come back.
 """
@@ -18,30 +19,13 @@ from .encoded import EncodedBatch
 from .encoding import check_items, check_max_tokens_per_doc
 from .errors import InputError, InputTooLongError
 
-# Fewer document tokens than this per window: the pair is scored as with "truncate" (API.md 1.6).
+# Fewer document tokens than this per window: the pair is scored as with "truncate" (docs/API.md, Long documents).
 MIN_WINDOW = 32
 _ALL = 1 << 62  # "keep every query token"
 
 
-@dataclass(frozen=True)
-class DocumentSlot:
-    """A template around a document: `before + doc + after` is the model's input for this query (and
-    instruction). `doc_type` is the token type of the document's tokens; types are None where the model uses none.
-    """
-
-    before: list[int]
-    after: list[int]
-    before_types: list[int] | None = None
-    after_types: list[int] | None = None
-    doc_type: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.before) + len(self.after)
-
-
 def window_query_tokens(max_length: int) -> int:
-    """The query tokens a window's template keeps (API.md 1.6: the query's first max_length // 2 tokens)."""
+    """The query tokens a window's template keeps (docs/API.md, Long documents: the query's first max_length // 2 tokens)."""
     return max_length // 2
 
 
@@ -99,7 +83,7 @@ def _fits(encoder, item, *, instruction, max_tokens_per_doc) -> bool:
 
 def _refuse_long_singles(encoder, items, plain: EncodedBatch, cut: list[bool] | None, *, instruction) -> None:
     """With `truncate: false`, a single text (no document) that does not fit is a 422 as in "truncate" mode:
-    windows apply to the documents of pairs only (API.md 1.6), so there is nothing to chunk it into."""
+    windows apply to the documents of pairs only (docs/API.md, Long documents), so there is nothing to chunk it into."""
     for i, (_, doc) in enumerate(items):
         if doc is not None or not (cut[i] if cut is not None else plain.lengths[i] >= encoder.max_length):
             continue
@@ -115,7 +99,7 @@ def _refuse_long_singles(encoder, items, plain: EncodedBatch, cut: list[bool] | 
 def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate: bool = True,
                    direction: str = "right", instruction: str | None = None, max_tokens_per_doc: int | None = None,
                    chunk_overlap: int = 64, max_chunks: int = 32) -> WindowedBatch:
-    """`items` encoded with `long_documents: "chunk"` (API.md 1.6).
+    """`items` encoded with `long_documents: "chunk"` (docs/API.md, Long documents).
 
     Items that fit (and single texts) are exactly the family's truncating `encode`; a pair that does not fit is
     its windows, unless fewer than MIN_WINDOW tokens are left for a window: then it is scored as with "truncate"

@@ -1,4 +1,4 @@
-"""Ray Serve application serving rerankers over HTTP (API.md). `serve run serve_app:build_app` or a config.
+"""Ray Serve application serving rerankers over HTTP (docs/API.md). `serve run serve_app:build_app` or a config.
 
 Only builder.py needs Ray at import; it is imported on first use of `build_app` / `deployment_options`, so
 the HTTP layer (routes, schemas, service, settings) imports without Ray (tests/serve_app/test_no_ray.py).

@@ -1,4 +1,4 @@
-"""The HTTP layer of API.md: FastAPI routes over a `RerankService`, JSON errors for everything.
+"""The HTTP layer of docs/API.md: FastAPI routes over a `RerankService`, JSON errors for everything.
 
 Built per ingress replica by `create_http_app(service, map_error=...)`; it has no Ray imports (the ingress
 passes deployments/errors.py's mapping of Ray's exceptions), so the whole HTTP contract is unit-testable in
@@ -71,7 +71,7 @@ def _is_json(content_type: str) -> bool:
 
 
 class RequestGuard:
-    """ASGI middleware in front of the routes: API key, content type, body size (API.md section 3).
+    """ASGI middleware in front of the routes: API key, content type, body size (docs/API.md, Errors).
 
     The body is read here, counting bytes as they arrive, so a body without (or lying in) its
     Content-Length is cut off at the limit instead of being buffered whole.
@@ -138,7 +138,7 @@ class RequestMetrics:
     """ASGI middleware outside every other: reports each answered request to `observe` (route, model, status,
     error_type, seconds), whoever answered it (the guard, a framework error, a route). The model is what the route
     noted in the scope's state ("" where no route ran or the request names no model); error_type is read from the
-    JSON error body (API.md section 3)."""
+    JSON error body (docs/API.md, Errors)."""
 
     def __init__(self, app: Any, *, observe: RequestObserver):
         self.app, self.observe = app, observe
@@ -201,7 +201,7 @@ def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _
                     map_error: Callable[[BaseException], ApiError] = map_exception,
                     observe: RequestObserver | None = None,
                     metrics: Callable[[], Awaitable[str]] | None = None) -> FastAPI:
-    """The FastAPI app of API.md over `service`; `request_id` names a request (Ray Serve's id in replicas),
+    """The FastAPI app of docs/API.md over `service`; `request_id` names a request (Ray Serve's id in replicas),
     `map_error` turns any exception into its JSON error (the ingress adds Ray's exceptions), `observe` is told of
     every answered request (RequestMetrics) and `metrics` gives GET /metrics its Prometheus text (the ingress
     gathers the cluster's, deployments/metrics.py)."""
@@ -248,7 +248,7 @@ def create_http_app(service: RerankService, *, request_id: Callable[[], str] = _
             if dump_json is None:
                 return JSONResponse(result)
             return Response(dump_json(result), media_type="application/json")
-        except Exception as exc:  # every failure becomes the JSON error of API.md section 3
+        except Exception as exc:  # every failure becomes the JSON error of docs/API.md, Errors
             err = map_error(exc)
             if err.status >= 500:
                 logger.error("request failed with %d %s: %r", err.status, err.error_type, exc,

@@ -1,4 +1,4 @@
-"""Request/response bodies of API.md and the mapping from an exception to an HTTP error (Ray's: deployments/errors.py).
+"""Request/response bodies of docs/API.md and the mapping from an exception to an HTTP error (Ray's: deployments/errors.py).
 
 Requests are strict (no "3" for 3, no "yes" for true) and reject unknown fields, so a typo is a 422
 naming the field instead of a silently ignored option.
@@ -19,7 +19,7 @@ LongDocuments = Literal["truncate", "chunk"]
 
 
 def _long_documents():
-    return Field(default=None, description='"truncate" or "chunk" (API.md 1.6); null: the model\'s setting.')
+    return Field(default=None, description='"truncate" or "chunk" (docs/API.md, Long documents); null: the model\'s setting.')
 
 
 def _top_n():
@@ -105,7 +105,7 @@ class CohereRerankRequest(_Request):
 
 
 def predict_items(inputs: PredictInputs) -> tuple[list[tuple[str, str | None]], bool]:
-    """(items, is_batch) of a /predict `inputs`; shape errors raise ApiError (API.md 1.2)."""
+    """(items, is_batch) of a /predict `inputs`; shape errors raise ApiError (docs/API.md, POST /predict)."""
     if isinstance(inputs, str):
         groups, is_batch = [[inputs]], False
     elif inputs and all(isinstance(x, str) for x in inputs):
@@ -129,7 +129,7 @@ def predict_items(inputs: PredictInputs) -> tuple[list[tuple[str, str | None]], 
 # ---------------------------------------------------------------------------------------------- responses
 # The one description of each response body: the service builds these dicts, the routes serialise them through
 # the same types (`TypeAdapter.dump_json`, in Rust; a key that is not declared here is never written) and /docs
-# shows them. A `NotRequired` key is absent unless the request asks for it (API.md section 1).
+# shows them. A `NotRequired` key is absent unless the request asks for it (docs/API.md, Routes).
 
 Score = Annotated[float | None, Field(description="null when not finite (JSON has no NaN)")]
 
@@ -200,7 +200,7 @@ class ErrorBody(BaseModel):
 # ------------------------------------------------------------------------------------------------- errors
 
 class ApiError(Exception):
-    """An error response of API.md section 3 raised anywhere in request handling."""
+    """An error response of docs/API.md, Errors raised anywhere in request handling."""
 
     def __init__(self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(status, error_type, message, headers)
@@ -236,7 +236,7 @@ def validation_message(errors: list[dict]) -> str:
 
 
 def map_exception(exc: BaseException) -> ApiError:
-    """The HTTP error for an exception of the HTTP layer or of models/ (API.md section 3); no Ray here.
+    """The HTTP error for an exception of the HTTP layer or of models/ (docs/API.md, Errors); no Ray here.
 
     Bad input becomes a 4xx; a model that could not load, or a sequence its device had no memory for even alone, a
     503; anything else a JSON 500 (a bug, never caused by the request's content). Ray's exceptions are mapped at the Ray boundary

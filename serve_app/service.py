@@ -164,9 +164,9 @@ class RerankService:
     async def encode_and_score(self, model: ModelSettings, items: Sequence[tuple[str, str | None]], field: str, *,
                                query_field: str | None = None, long_documents: str | None = None,
                                **kwargs: Any) -> tuple[np.ndarray, int]:
-        """(raw score per item, tokens scored). With long_documents "chunk" (API.md 1.6) a pair that does not fit
+        """(raw score per item, tokens scored). With long_documents "chunk" (docs/API.md, Long documents) a pair that does not fit
         is several sequences of the one batch (its windows), scored and fanned out like any others; its score is
-        the max over them, and every window's tokens count. With shared_prefix "auto" (API.md 1.7) the batch carries
+        the max over them, and every window's tokens count. With shared_prefix "auto" (docs/API.md, Shared prefix) the batch carries
         the prefix marks of the family's causal template; the tokens counted are those of pairwise scoring. `field`
         names the request's list of items, and `query_field` its query where that is one field of its own (the
         rerank routes), in errors."""
@@ -181,13 +181,13 @@ class RerankService:
             return encoded.reduce(await self.score(model, encoded.batch)), encoded.num_tokens
         return await self.score(model, encoded), encoded.num_tokens
 
-    # --- listwise families (models/jina_v3.py): the documents of a request are one list, scored together -------
+    # --- listwise families (models/families/jina_v3.py): the documents of a request are one list, scored together ---
     def _listwise(self, model: ModelSettings) -> bool:
         return bool(getattr(self.encoders[model.name], "listwise", False))
 
     def _activate(self, model: ModelSettings, raw: np.ndarray, raw_scores: bool = False) -> np.ndarray:
         """What a route returns for raw scores: sigmoid(raw), or raw itself when asked for or when the family's raw
-        score is already final (a listwise cosine: never sigmoided, API.md section 2)."""
+        score is already final (a listwise cosine: never sigmoided, docs/API.md, Scores)."""
         if raw_scores or not getattr(self.encoders[model.name], "sigmoid_scores", True):
             return np.asarray(raw, dtype=np.float64)
         return sigmoid(raw)

@@ -1,4 +1,4 @@
-"""The one argument of `build_app`: what to serve and how (API.md section 4).
+"""The one argument of `build_app`: what to serve and how (docs/API.md, Deployment arguments).
 
 The same pydantic model is filled from a `serve run`/`serve deploy` YAML (`applications[].args`), from
 Python (a dict or an `AppSettings`), and is what the ingress and model replicas receive.
@@ -48,12 +48,12 @@ class ModelSettings(BaseModel):
     name: str = Field(default="", description="Name clients put in `model`; default: the model_id.")
     model_id: str = Field(description="Hugging Face Hub id or local directory.")
     revision: str | None = None
-    family: Literal[("auto", *FAMILIES)] = "auto"  # models/families.py: every registered family
+    family: Literal[("auto", *FAMILIES)] = "auto"  # models/families/__init__.py: every registered family
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_length: PositiveInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    # Long documents (API.md 1.6): what a pair longer than max_length gets when a request does not say.
+    # Long documents (docs/API.md, Long documents): what a pair longer than max_length gets when a request does not say.
     long_documents: Literal["truncate", "chunk"] = Field(default="truncate", description=(
         "truncate: an over-long pair is cut. chunk: its document is scored as overlapping windows of its tokens "
         "and the pair gets the max of their scores. A request's `long_documents` overrides it."))
@@ -61,7 +61,7 @@ class ModelSettings(BaseModel):
         "Tokens shared by consecutive windows (at most half a window)."))
     max_chunks: PositiveInt = Field(default=32, description="Windows scored per document at most; later text "
                                                             "is not scored.")
-    # Shared prefix (API.md 1.7): a request's prompt before the documents computed once, scores unchanged.
+    # Shared prefix (docs/API.md, Shared prefix): a request's prompt before the documents computed once, scores unchanged.
     shared_prefix: Literal["auto", "off"] = Field(default="auto", description=(
         "auto: for models whose input puts the query before the document (the causal-LM families), the tokens every "
         "pair of a request starts with run once per forward batch and each document attends to them; pairs whose "

@@ -12,7 +12,7 @@ by step as it does them, on stock transformers pieces only:
   capacity is at most the document cut; per block the weight `((1 + scores) / 2).max()`; the merged query vector
   `np.average(query_vectors, weights=block_weights)`; the final scores `q . D^T / (|q| |D|)` in numpy.
 
-It shares no code with models/jina_v3.py: the prompt strings are typed out again here.
+It shares no code with models/families/jina_v3.py: the prompt strings are typed out again here.
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def build_mxbai(path: str | os.PathLike, *, seed: int = 21, extra_positions: int
 def _build_mxbai(path, *, seed: int, extra_positions: int, tied: bool) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from models.mxbai import PREFIX, SEP, SUFFIX, TASK_PROMPT
+    from models.families.mxbai import PREFIX, SEP, SUFFIX, TASK_PROMPT
 
     path = Path(path)
     tok = _bpe_tokenizer([PREFIX, SUFFIX, TASK_PROMPT, "query: document: instruction: 0 1"],
@@ -151,7 +151,7 @@ def build_bge_gemma(path: str | os.PathLike, *, seed: int = 31, positions: int =
     published tokenizer_config.json's placeholder)."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    from models.bge_gemma import DEFAULT_PROMPT
+    from models.families.bge_gemma import DEFAULT_PROMPT
 
     path = Path(path)
     tok = _gemma_tokenizer([DEFAULT_PROMPT, "A: B: Yes No"])
@@ -212,7 +212,7 @@ def build_jina_v3(path: str | os.PathLike, *, seed: int = 41, model_max_length: 
     from transformers import Qwen3Config, Qwen3Model
 
     from benchmarks.build import save_jina_reranker
-    from models.jina_v3 import DOC_MARKER, QUERY_MARKER, SUFFIX, SYSTEM, block_prompt
+    from models.families.jina_v3 import DOC_MARKER, QUERY_MARKER, SUFFIX, SYSTEM, block_prompt
 
     path = Path(path)
     fixed = block_prompt("query", ["passage"], "instruct") + SYSTEM + SUFFIX

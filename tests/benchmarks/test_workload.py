@@ -40,7 +40,7 @@ def test_qwen_baseline_pairs_give_the_official_recipe_scores(tmp_path):
     from sentence_transformers import CrossEncoder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.qwen3 import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
+    from models.families.qwen3 import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
     from tests.tiny_models import DOCS, QUERIES, build_qwen3_reranker
 
     path = build_qwen3_reranker(tmp_path / "qwen3")

@@ -1,4 +1,4 @@
-"""Reference scores (API.md section 2), computed in the test process with the reference libraries."""
+"""Reference scores (docs/API.md, Scores), computed in the test process with the reference libraries."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -20,7 +20,7 @@ def _cross_encoder(path: str):
 
 
 def cross_encoder_raw(path, pairs) -> np.ndarray:
-    """sentence-transformers CrossEncoder with an Identity activation: the raw score of API.md section 2."""
+    """sentence-transformers CrossEncoder with an Identity activation: the raw score of docs/API.md, Scores."""
     ce = _cross_encoder(str(path))
     return np.asarray(ce.predict([list(p) for p in pairs], activation_fn=torch.nn.Identity(),
                                  convert_to_numpy=True), dtype=np.float64)

@@ -308,7 +308,7 @@ def test_concurrent_burst_each_response_carries_its_own_scores(main_url, tiny):
 
 def test_long_documents_chunk_through_the_deployments(main_url, tiny):
     """The windows go through the ingress and the model deployment (token budget 40: several pieces) and come
-    back as the max per pair; reference: tests/models/test_windows.py's, built from API.md 1.6."""
+    back as the max per pair; reference: tests/models/test_windows.py's, built from docs/API.md, Long documents."""
     from tests.models.test_windows import PairReference
 
     query, docs = QUERIES[0], [DOCS[5], DOCS[0]]  # a document of several windows, one that fits

@@ -1,4 +1,4 @@
-"""Ray's exceptions -> the HTTP errors of API.md section 3 (deployments/errors.py), without Ray running."""
+"""Ray's exceptions -> the HTTP errors of docs/API.md, Errors (deployments/errors.py), without Ray running."""
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,5 @@
 """Failover over real HTTP: one of two replicas of a model is killed under concurrent load, and no client sees
-it (API.md section 3: a call lost with a replica that died is sent once more to another replica of the model).
+it (docs/API.md, Errors: a call lost with a replica that died is sent once more to another replica of the model).
 
 Requests are cut into pieces (a small token budget, two replicas: the ingress fans out), so a killed replica
 takes pieces of requests whose other pieces are scored elsewhere: only the lost piece is sent again, and every

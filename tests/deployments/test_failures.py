@@ -198,7 +198,7 @@ def test_a_config_whose_model_cannot_be_fetched_fails_with_the_message_alone(ser
 
 
 def test_a_model_that_loads_but_cannot_run_fails_the_deploy_at_warm_up(serve_url, tiny, tmp_path):
-    """Weights and config agree, but no forward can run (issue 9: a kernel the installed torch lacks): the
+    """Weights and config agree, but no forward can run (a kernel the installed torch lacks): the
     replica's warm-up forward fails the deploy with the model and the cause, instead of a healthy deployment
     that answers 500 to every request."""
     from ray import serve

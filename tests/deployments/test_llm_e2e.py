@@ -36,12 +36,12 @@ def llm_app(serve_url, tiny, tmp_path_factory):
 
 def reference(name: str, path, pairs, instruction=None) -> np.ndarray:
     if name == "st":
-        from tests.models.test_st_causal import reference as st_ref
+        from tests.models.families.test_st_causal import reference as st_ref
         return st_ref(path, pairs, prompt=instruction)[0]
     if name == "mxbai":
-        from tests.models.test_mxbai import reference as mx_ref
+        from tests.models.families.test_mxbai import reference as mx_ref
         return mx_ref(path, pairs, instruction=instruction, max_length=8192)[0]
-    from tests.models.test_bge_gemma import reference as bge_ref
+    from tests.models.families.test_bge_gemma import reference as bge_ref
     return bge_ref(path, pairs, prompt=instruction)[0]
 
 
@@ -69,7 +69,7 @@ def test_info_names_every_family_and_instruction_support(llm_app):
 
 
 def test_info_shows_shared_prefixes_active_for_the_causal_families(llm_app):
-    """The replicas report whether they compute a request's prompt once (API.md 1.7): the causal families by
+    """The replicas report whether they compute a request's prompt once (docs/API.md, Shared prefix): the causal families by
     default, never a cross-encoder (the scores above came through that path and equal their references)."""
     url, _ = llm_app
     models = {m["name"]: m for m in requests.get(url + "/info", timeout=30).json()["models"]}
@@ -94,7 +94,7 @@ def test_single_text_to_a_causal_lm_is_a_422(llm_app):
 @pytest.mark.parametrize("name", ["st", "mxbai", "gemma"])
 def test_long_documents_chunk_on_the_llm_families(llm_app, name):
     """A document of several windows and one that fits, through the ingress and the model deployment at the
-    model's default max length; reference: tests/models/test_windows_llm.py's, built from API.md 1.6."""
+    model's default max length; reference: tests/models/test_windows_llm.py's, built from docs/API.md, Long documents."""
     from models import load_encoder
     from tests.models.test_windows import SENTENCES
     from tests.models.test_windows_llm import Reference

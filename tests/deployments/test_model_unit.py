@@ -194,7 +194,7 @@ def test_the_constructor_warms_up_and_a_model_that_cannot_run_fails_with_its_nam
 
 
 def test_a_replica_that_cannot_score_anything_reports_unhealthy():
-    """The GPU failure of issue 9: every forward raised TypeError, and the replica stayed healthy for ever."""
+    """A GPU failure seen on a real device: every forward raised TypeError, and the replica stayed healthy for ever."""
     class Broken(FakeScorer):
         def score(self, batch):
             self.calls.append(len(batch))
@@ -282,7 +282,7 @@ def test_a_device_that_cannot_run_the_warm_up_any_more_makes_the_replica_unhealt
         r.check_health()
 
 
-# --- shared prefixes (API.md 1.7): the budget counts the tokens computed, marks survive every cut ----------------
+# --- shared prefixes (docs/API.md, Shared prefix): the budget counts the tokens computed, marks survive every cut ----------------
 
 def test_batch_tokens_counts_what_the_forward_computes():
     works = [Work(batch_of([30, 30]), 0.0, tokens=35), Work(batch_of([10]), 0.0)]

@@ -218,7 +218,7 @@ def test_download_list_takes_only_what_the_model_needs():
         ["config.json", "pytorch_model.bin", "vocab.txt"]
 
 
-# --- max input length (API.md 1.5) -----------------------------------------------------------------------------
+# --- max input length (docs/API.md, Max input length) -----------------------------------------------------------------------------
 
 def test_xlmr_position_limit_is_max_positions_minus_pad_minus_one(copy_of):
     path = copy_of("xlmr")
@@ -300,7 +300,7 @@ def test_wrong_local_theta_would_change_scores(copy_of, tiny, scorers):
 
 
 def test_missing_saved_theta_keeps_the_model_defaults(copy_of):
-    from models.common import load_config
+    from models.config import load_config
 
     path = copy_of("modular_legacy")
     edit_json(path / "config.json", local_rope_theta=None, global_rope_theta=None)

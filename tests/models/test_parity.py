@@ -1,4 +1,4 @@
-"""Raw scores equal the reference implementations run here, in fp32 on CPU, to 1e-5 (API.md section 2).
+"""Raw scores equal the reference implementations run here, in fp32 on CPU, to 1e-5 (docs/API.md, Scores).
 
 References: sentence-transformers CrossEncoder.predict(pairs, activation_fn=Identity()) for the modular and
 sequence-classification variants; the official Qwen3-Reranker recipe with transformers' full causal LM for

@@ -1,4 +1,4 @@
-"""Shared-prefix scoring (API.md 1.7, models/prefix.py): a request's prompt before the documents computed once.
+"""Shared-prefix scoring (docs/API.md, Shared prefix, models/prefix.py): a request's prompt before the documents computed once.
 
 Every causal family, scored with the marks of `mark_shared_prefixes`, against its own reference (the official
 Qwen3 recipe, sentence-transformers' CrossEncoder, mxbai-rerank, FlagEmbedding) and against the same batch scored
@@ -65,12 +65,12 @@ def reference(name: str, path, pairs, *, instruction=None, side="right", max_len
         from tests.models.test_parity import qwen3_recipe
         return qwen3_recipe(path, pairs, instruction=instruction, max_length=max_length, side=side)[0]
     if name in ("flat", "structured", "gemma2"):
-        from tests.models.test_st_causal import reference as st_reference
+        from tests.models.families.test_st_causal import reference as st_reference
         return st_reference(path, pairs, side=side, prompt=instruction)[0]
     if name == "mxbai":
-        from tests.models.test_mxbai import reference as mx_reference
+        from tests.models.families.test_mxbai import reference as mx_reference
         return mx_reference(path, pairs, side=side, instruction=instruction)[0]
-    from tests.models.test_bge_gemma import reference as bge_reference
+    from tests.models.families.test_bge_gemma import reference as bge_reference
     return bge_reference(path, pairs, side=side, prompt=instruction)[0]
 
 
@@ -389,7 +389,7 @@ def _sliding_qwen3():
 @pytest.mark.parametrize("packed", [False, True])
 def test_sliding_window_layers_see_the_same_keys_as_pairwise(packed):
     """A window shorter than the prefix: an own token must not see prefix keys beyond it."""
-    from models.causal import last_hidden_padded
+    from models.causal_lm import last_hidden_padded
 
     model = _sliding_qwen3()
     rows = [[3, 4, 5, 6, 7, 8, 9, 10] + tail for tail in ([11], [12, 13, 14], [15, 16, 17, 18, 19, 20], [21, 22])]

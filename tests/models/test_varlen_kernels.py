@@ -10,7 +10,7 @@ they compute attention with the independent per-segment reference below (flash-a
 Signatures (keywords after the seven positional arguments):
 - torch 2.10: `is_causal=False, return_aux=None` (no scale, no window, no GQA; docs of the varlen API as first
   released, PR pytorch#164502);
-- torch 2.11: `*, return_aux=None, scale=None, window_size=(-1, -1)` (the GPU machine's, see issue 9); causality
+- torch 2.11: `*, return_aux=None, scale=None, window_size=(-1, -1)` (a GPU machine's); causality
   is `window_size == (-1, 0)`;
 - torch 2.13: 2.11's plus `enable_gqa=False, seqused_k=None, block_table=None, num_splits=None` (installed here:
   checked against `inspect.signature` below); fewer KV heads without enable_gqa is a ValueError;

@@ -1,4 +1,4 @@
-"""Long documents as windows (API.md 1.6) for the causal-LM families added with issue 11: Sentence Transformers
+"""Long documents as windows (docs/API.md, Long documents) for the causal-LM families: Sentence Transformers
 causal CrossEncoders (chat template), mxbai-rerank-v2 and bge-reranker-v2-gemma, against a reference written here.
 
 The reference writes each family's input out from its reference's own texts (the chat templates the tiny models
@@ -127,10 +127,10 @@ class Reference:
     def package_rows(self, pairs, instruction):
         """The reference package's own (truncating) rows for the pairs."""
         if self.name == "mxbai":
-            from tests.models.test_mxbai import reference
+            from tests.models.families.test_mxbai import reference
             return reference(self.path, pairs, instruction=instruction, max_length=self.max_length - self.fixed)[1]
         if self.name == "bge":
-            from tests.models.test_bge_gemma import reference
+            from tests.models.families.test_bge_gemma import reference
             return reference(self.path, pairs, prompt=instruction, max_length=self.passage_length)[1]
         if not hasattr(self, "ce"):
             from sentence_transformers import CrossEncoder

@@ -56,7 +56,7 @@ class FakeEncoder:
         return [[word_id(w) for w in t.split()] for t in texts]
 
     def document_slot(self, query, query_tokens, instruction=None):
-        from models.windows import DocumentSlot
+        from models.encoding import DocumentSlot
 
         before = [CLS] + self.plain_tokens([query])[0][:query_tokens] + [SEP]
         return DocumentSlot(before, [], [0] * len(before) if self.with_types else None,

@@ -1,7 +1,7 @@
 """Bad input through the HTTP app with the REAL encoder of one model of every family (in process: no Ray, no
 weights; the backend only records what would reach a model replica).
 
-API.md section 3: bad input never yields a 500 and never reaches a model; text the tokenizer cannot take is a 422
+docs/API.md, Errors: bad input never yields a 500 and never reaches a model; text the tokenizer cannot take is a 422
 naming the field, on every family, route and long-documents mode. The Ray suites add the rest of that line (a
 bad request never takes a replica down nor fails the requests batched with it: tests/deployments/test_e2e.py).
 """
@@ -248,7 +248,7 @@ def test_over_long_single_text_with_truncate_false_is_a_422_in_both_modes(app, f
 @pytest.mark.parametrize("huge", [2 ** 63, 2 ** 64, 10 ** 30])
 def test_integers_far_out_of_range_are_clamped_on_every_family(app, family, huge):
     """max_tokens_per_doc larger than any document cuts nothing and top_n larger than the list returns all: the
-    same answer on every family and mode (README: "Choices where API.md is open")."""
+    same answer on every family and mode (README: "Choices where docs/API.md is open")."""
     client, service = app
     backend = service.backends[family]
     docs = [DOCS[0], DOCS[1] * 3, DOCS[3]]

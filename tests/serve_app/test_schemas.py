@@ -1,4 +1,4 @@
-"""Request parsing (every /predict input shape) and the exception -> HTTP error mapping of API.md section 3
+"""Request parsing (every /predict input shape) and the exception -> HTTP error mapping of docs/API.md, Errors
 (serve_app's part, without Ray; Ray's exceptions: tests/deployments/test_errors.py)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared prefixes (API.md 1.7) through every route, in process: the real service over real tiny causal-LM scorers,
+"""Shared prefixes (docs/API.md, Shared prefix) through every route, in process: the real service over real tiny causal-LM scorers,
 each model served twice, with shared_prefix "auto" and "off". Every response must be the same (scores to 1e-5,
 token counts exactly), and the "auto" model must really have received marked batches (no Ray here: the backend
 calls the scorer; tests/deployments covers the replica)."""

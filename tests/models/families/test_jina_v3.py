@@ -10,7 +10,7 @@ import pytest
 
 from models import InputError, InputTooLongError, ModelLoadError, PairRequiredError, detect_family, load_scorer
 from models.encoded import EncodedBatch
-from models.jina_v3 import BLOCK_SIZE, DOC_MARKER, QUERY_MARKER, plan_blocks, without_markers
+from models.families.jina_v3 import BLOCK_SIZE, DOC_MARKER, QUERY_MARKER, plan_blocks, without_markers
 from tests.jina_reference import JinaReference
 from tests.llm_rerankers import build_jina_v3
 from tests.tiny_models import DOCS

@@ -1,15 +1,13 @@
-"""Helpers shared by the families: config loading (ModernBERT's saved rope thetas honoured), the max input length
-rule of API.md 1.5, dtype/device resolution, and small file readers."""
+"""A model's files read before any weights: its JSON files, its transformers config (ModernBERT's saved rope thetas
+honoured), its labels, and the max input length rule (docs/API.md, Max input length: the position limit the config
+allows, the tokenizer's real limit, the deployment's setting)."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
-
-log = logging.getLogger(__name__)
 
 # A tokenizer `model_max_length` at or above this is transformers' "no limit" placeholder (1e30).
 _NO_LIMIT = 1_000_000
@@ -72,7 +70,7 @@ def real_tokenizer_limit(model_max_length: Any) -> int | None:
 
 def resolve_max_length(model_id: str, *, configured: int | None, file_configured: int | None,
                        tokenizer_max: int | None, pos_limit: int | None, default: int | None = None) -> int:
-    """The max input length rule (API.md 1.5).
+    """The max input length rule (docs/API.md, Max input length).
 
     `configured` (the deployment's max_length) wins, and may not exceed the position limit. A limit saved with
     the model (sentence_bert_config max_seq_length) is next, capped at the position limit. Else the smaller of
@@ -90,62 +88,6 @@ def resolve_max_length(model_id: str, *, configured: int | None, file_configured
     if not candidates:
         raise ModelLoadError(model_id, "no max input length known: set max_length in the deployment config")
     return min(candidates)
-
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def resolve_device(model_id: str, device: str) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(model_id, f"device {device!r} requested but CUDA is not available")
-    return str(device)
-
-
-def resolve_dtype(model_id: str, dtype: str, device: str) -> str:
-    """The dtype name: 'auto' is bf16 on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere."""
-    import torch
-
-    if dtype in (None, "auto"):
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ModelLoadError(model_id, f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16") from None
-
-
-def from_pretrained(model_id: str, model_cls, path: Path, *, quiet_unexpected: bool = False, **kwargs):
-    """`model_cls.from_pretrained` that fails loudly when the checkpoint lacks weights the model needs
-    (transformers would initialise them at random and scores would be garbage)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    if quiet_unexpected:  # e.g. the lm_head we deliberately skip: not worth a load report in the logs
-        hf_logging.set_verbosity_error()
-    try:
-        model, info = model_cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
-    except Exception as e:
-        # The cause is in the message; transformers' chained traceback would only bury it in the replica's log.
-        raise ModelLoadError(model_id, f"cannot load the weights: {type(e).__name__}: {e}", file=str(path)) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if info.get("missing_keys"):
-        missing = sorted(info["missing_keys"])
-        raise ModelLoadError(model_id, f"weights missing from the checkpoint: {missing[:5]}"
-                                       f"{' ...' if len(missing) > 5 else ''}", file=str(path))
-    return model
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
 
 
 def id2label_of(config: Any) -> dict[int, str]:

@@ -3,7 +3,7 @@
 The checkpoint is a Qwen3 causal LM whose output head is unused (its `lm_head` is the identity; the weights are
 `model.*`) plus a projector MLP `projector.0` (hidden -> hidden/2, no bias), ReLU, `projector.2` (-> 512, no
 bias). The tokenizer carries two marker tokens: `<|embed_token|>` closes each document, `<|rerank_token|>` the
-query. Scores follow the model's own `JinaForRanking.rerank()` (API.md section 2), no remote code run:
+query. Scores follow the model's own `JinaForRanking.rerank()` (docs/API.md, Scores), no remote code run:
 
 1. the query is cut to 512 tokens and each document to 2048 (`max_tokens_per_doc` lowers that), by tokens, and a
    text that reaches the cut is DECODED back from its kept tokens (a cut inside a multi-byte character becomes
@@ -29,13 +29,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import load_config, position_limit, resolve_max_length
-from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
-from .errors import InputError, InputTooLongError, ModelLoadError
-from .families import Family
-from .scoring import Scorer
-from .tokenization import load_tokenizer
+from ..config import load_config, position_limit, resolve_max_length
+from ..encoded import EncodedBatch
+from ..encoding import Encoder, backend_copy, check_items, check_max_tokens_per_doc, parse_direction
+from ..errors import InputError, InputTooLongError, ModelLoadError
+from ..scoring import Scorer
+from ..tokenization import load_tokenizer
+from . import Family
 
 FAMILY_NAME = "jina_v3"
 
@@ -258,9 +258,9 @@ class JinaScorer(Scorer):
                  token_budget: int | None, execution: str = "auto"):
         from transformers import AutoModel
 
-        from .causal import pad_token_id
-        from .common import from_pretrained, torch_dtype
-        from .packing import packed_position_offset
+        from ..causal_lm import pad_token_id
+        from ..loading import from_pretrained, torch_dtype
+        from ..packing import packed_position_offset
 
         config = _qwen3_config(model_id, model_dir)
         encoder = _encoder(model_id, model_dir, config, max_length)
@@ -340,7 +340,7 @@ class JinaScorer(Scorer):
 
         chunk = batch.select(index)
         if self.execution == "packed":
-            from .packing import pack
+            from ..packing import pack
 
             flat = chunk.input_ids  # select() starts the chunk at offset 0: the packed row's positions
             q_pos = np.flatnonzero(flat == self.encoder.query_marker_id)
@@ -351,7 +351,7 @@ class JinaScorer(Scorer):
             hidden = self.model(**inputs.model_kwargs(), use_cache=False).last_hidden_state[0]
             return (hidden.index_select(0, torch.as_tensor(q_pos, device=self.device)),
                     hidden.index_select(0, torch.as_tensor(d_pos, device=self.device)))
-        from .scoring import pad_right
+        from ..scoring import pad_right
 
         ids, mask, _ = pad_right(chunk, np.arange(len(chunk)), self.pad_id, False)
         q_rows, q_cols = np.nonzero((ids == self.encoder.query_marker_id) & (mask == 1))

@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import from_pretrained, load_config, read_json, torch_dtype
-from .encoding import PairEncoder
-from .errors import ModelLoadError
-from .families import Family
-from .modernbert import cls_only_last_layer
-from .packing import packed_position_offset
-from .pooling import LEGACY_POOLING_FLAGS, PACKED_POOLING_MODES, POOLING_MODES, pool, pool_packed
-from .scoring import Scorer
-from .tokenization import load_tokenizer, pad_id_of, pair_encoder
+from ..config import load_config, read_json
+from ..encoding import PairEncoder
+from ..errors import ModelLoadError
+from ..loading import from_pretrained, torch_dtype
+from ..modernbert import cls_only_last_layer
+from ..packing import packed_position_offset
+from ..pooling import LEGACY_POOLING_FLAGS, PACKED_POOLING_MODES, POOLING_MODES, pool, pool_packed
+from ..scoring import Scorer
+from ..tokenization import load_tokenizer, pad_id_of, pair_encoder
+from . import Family
 
 # Current (`sentence_transformers.base.modules.transformer.Transformer`, `...sentence_transformer.modules.
 # pooling.Pooling`, ...) and legacy (`sentence_transformers.models.Dense`) module type strings.

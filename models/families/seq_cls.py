@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import from_pretrained, load_config, torch_dtype
-from .encoding import PairEncoder
-from .families import Family
-from .modernbert import cls_only_last_layer
-from .packing import packed_position_offset
-from .pooling import pool_packed
-from .scoring import Scorer
-from .tokenization import load_tokenizer, pad_id_of, pair_encoder
+from ..config import load_config
+from ..encoding import PairEncoder
+from ..loading import from_pretrained, torch_dtype
+from ..modernbert import cls_only_last_layer
+from ..packing import packed_position_offset
+from ..pooling import pool_packed
+from ..scoring import Scorer
+from ..tokenization import load_tokenizer, pad_id_of, pair_encoder
+from . import Family
 
 
 def load_encoder(model_id: str, model_dir: Path, *, max_length: int | None = None) -> PairEncoder:

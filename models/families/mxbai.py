@@ -8,20 +8,21 @@ query' = "query: {q}" (or "instruction: {i}\\nquery: {q}"), cut to 3/4 of the co
 + "\\n" + document' fits L. L = max input length - |fixed pieces| (the package's max_length, default 8192).
 Cuts keep the start (Right) or the end (Left) of a piece, as the package's tokenizer `truncation_side` does.
 
-No sentence-transformers config names the model a reranker: it is recognised by its name (models/families.py).
+No sentence-transformers config names the model a reranker: it is recognised by its name (the registry's
+`model_names`).
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep
-from .common import load_config, position_limit, resolve_max_length
-from .encoded import EncodedBatch
-from .encoding import check_items
-from .errors import InputTooLongError, ModelLoadError
-from .families import Family
-from .tokenization import load_tokenizer
+from ..causal_lm import CausalLMScorer, PiecesEncoder, cut_second, keep
+from ..config import load_config, position_limit, resolve_max_length
+from ..encoded import EncodedBatch
+from ..encoding import DocumentSlot, check_items
+from ..errors import InputTooLongError, ModelLoadError
+from ..tokenization import load_tokenizer
+from . import Family
 
 NAME = "mxbai"
 # MxbaiRerankV2's fixed texts (mxbai-rerank 0.1.6).
@@ -84,9 +85,7 @@ class MxbaiEncoder(PiecesEncoder):
 
     def document_slot(self, query, query_tokens, instruction=None):
         """prefix + tokens of the query piece (q decoded back from its kept tokens) + "\\n" + tokens of "document: "
-        | window | "\\n" + task prompt + suffix: the package's separately tokenized pieces (API.md 1.6)."""
-        from .windows import DocumentSlot
-
+        | window | "\\n" + task prompt + suffix: the package's separately tokenized pieces (docs/API.md, Long documents)."""
         check_items(self, (), instruction)
         q_ids = self._piece(query_text(self.kept_query(query, query_tokens), instruction))
         return DocumentSlot(self.prefix_ids + q_ids + self.sep_ids + self._piece(DOC_FORMAT.format("")),

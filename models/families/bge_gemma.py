@@ -5,26 +5,27 @@ Input, from separately tokenized pieces (no special tokens added by the tokenize
     [bos] + "A: {query}" + "\\n" + "B: {passage}" + "\\n" + prompt
 "A: {query}" is cut to 3/4 of the passage length L and "B: {passage}" to L; then "\\n" + "B: ..." is cut so the
 part before the last "\\n" fits L + |"\\n"| + |prompt|. L is FlagEmbedding's `max_length`. Our max input length
-(API.md 1.5) counts the whole input with the default prompt, so L = max input length − 2 × (|"\\n"| + |default
+(docs/API.md, Max input length) counts the whole input with the default prompt, so L = max input length − 2 × (|"\\n"| + |default
 prompt|); the max input length is the smaller of the tokenizer's real `model_max_length` and the position limit,
 or, with no real tokenizer limit, FlagEmbedding's default L of 512 plus that overhead.
 Cuts keep the start (Right) or the end (Left) of a piece, as the tokenizer's `truncation_side` does.
 A request's `instruction` replaces the prompt (FlagEmbedding's `prompt`).
 
-No sentence-transformers config names the model a reranker: it is recognised by its name (models/families.py).
+No sentence-transformers config names the model a reranker: it is recognised by its name (the registry's
+`model_names`).
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .causal import CausalLMScorer, PiecesEncoder, cut_second, keep
-from .common import load_config, position_limit, real_tokenizer_limit, resolve_max_length
-from .encoded import EncodedBatch
-from .encoding import check_items
-from .errors import InputTooLongError, ModelLoadError
-from .families import Family
-from .tokenization import load_tokenizer
+from ..causal_lm import CausalLMScorer, PiecesEncoder, cut_second, keep
+from ..config import load_config, position_limit, real_tokenizer_limit, resolve_max_length
+from ..encoded import EncodedBatch
+from ..encoding import DocumentSlot, check_items
+from ..errors import InputTooLongError, ModelLoadError
+from ..tokenization import load_tokenizer
+from . import Family
 
 NAME = "bge_gemma"
 SEP = "\n"
@@ -103,9 +104,7 @@ class BgeGemmaEncoder(PiecesEncoder):
 
     def document_slot(self, query, query_tokens, instruction=None):
         """[bos] + tokens of "A: {q}" (q decoded back from its kept tokens) + "\\n" + tokens of "B: " | window |
-        "\\n" + prompt: FlagEmbedding's separately tokenized pieces (API.md 1.6)."""
-        from .windows import DocumentSlot
-
+        "\\n" + prompt: FlagEmbedding's separately tokenized pieces (docs/API.md, Long documents)."""
         check_items(self, (), instruction)
         q_ids = self._piece(QUERY_FORMAT.format(self.kept_query(query, query_tokens)))
         return DocumentSlot(self.bos + q_ids + self.sep_ids + self._piece(PASSAGE_FORMAT.format("")),
@@ -113,7 +112,7 @@ class BgeGemmaEncoder(PiecesEncoder):
 
 
 def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> BgeGemmaEncoder:
-    """Max input length (API.md 1.5): the configured one, else the smaller of the tokenizer's real limit and the
+    """Max input length (docs/API.md, Max input length): the configured one, else the smaller of the tokenizer's real limit and the
     position limit; with no real tokenizer limit, FlagEmbedding's default passage length plus the prompt overhead
     (capped by the position limit). The encoder's passage length L is that minus the overhead."""
     tok = load_tokenizer(model_id, model_dir, config)

@@ -1,18 +1,18 @@
 """Qwen3-Reranker from the official `Qwen3ForCausalLM` checkpoints: raw score = logit("yes") − logit("no") of the
-last token, from two rows of the output weights (models/causal.py), never the vocabulary projection. W is
+last token, from two rows of the output weights (models/causal_lm.py), never the vocabulary projection. W is
 lm_head.weight, or the input embedding when tie_word_embeddings is true (0.6B, 4B; not 8B).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .causal import CausalLMScorer
-from .common import load_config, position_limit, resolve_max_length
-from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy
-from .errors import InputTooLongError, ModelLoadError
-from .families import Family
-from .tokenization import load_tokenizer
+from ..causal_lm import CausalLMScorer
+from ..config import load_config, position_limit, resolve_max_length
+from ..encoded import EncodedBatch
+from ..encoding import DocumentSlot, Encoder, backend_copy
+from ..errors import InputTooLongError, ModelLoadError
+from ..tokenization import load_tokenizer
+from . import Family
 
 # The official recipe (Qwen/Qwen3-Reranker-* model cards).
 PREFIX = ('<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the '
@@ -68,10 +68,8 @@ class Qwen3Encoder(Encoder):
         return EncodedBatch.from_lists(ids)
 
     def document_slot(self, query, query_tokens, instruction=None):
-        """prefix + tokens of "<Instruct>: …\\n<Query>: {q}\\n<Document>: " as one piece | window | suffix (API.md 1.6),
+        """prefix + tokens of "<Instruct>: …\\n<Query>: {q}\\n<Document>: " as one piece | window | suffix (docs/API.md, Long documents),
         q decoded back from the query's first `query_tokens` tokens when it has more."""
-        from .windows import DocumentSlot
-
         query = self.kept_query(query, query_tokens)
         instruction = self.default_instruction if instruction is None else instruction
         piece = self.plain_tokenizer().encode(format_content(instruction, query, ""), add_special_tokens=False).ids

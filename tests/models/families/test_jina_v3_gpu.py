@@ -1,5 +1,5 @@
 """jina-reranker-v3 in fp16/bf16 on CUDA, packed (the "auto" choice there), against its fp32 CPU scores, which
-tests/models/test_jina_v3.py holds to the reference at 1e-5 (skipped without a GPU): several lists of several
+tests/models/families/test_jina_v3.py holds to the reference at 1e-5 (skipped without a GPU): several lists of several
 blocks in one call; reports max |diff| and Pearson."""
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""The registry of reranker families: which exist, in which order detection tries them, and where each lives.
+"""The registry of reranker families: which exist, in which order detection tries them, and where each lives;
+and detection itself (`detect_family`), which tries each family's own rule in that order.
 
-A family is one module of models/ that ends with `FAMILY = Family(...)`: its name, its detection rule, its encoder
-loader and its scorer class. Detection (detect.py), `load_encoder` / `load_scorer` (models/__init__.py), the
+A family is one module of models/families/ that ends with `FAMILY = Family(...)`: its name, its detection rule,
+its encoder loader and its scorer class. Detection, `load_encoder` / `load_scorer` (models/__init__.py), the
 settings' `family` values and `/info` all read this registry. Adding a family = its module + one line below.
 
 The names are plain data: a family's module is imported only when `get` asks for it.
@@ -14,7 +15,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-# name -> module under models/, in DETECTION ORDER: the first family whose rule matches a model wins.
+from ..config import read_json
+from ..errors import ModelLoadError
+
+# name -> module of models/families/, in DETECTION ORDER: the first family whose rule matches a model wins.
 _MODULES = {
     "st_causal": "st_causal",  # modules.json with a LogitScore: Sentence Transformers causal CrossEncoder
     "modular": "modular",  # modules.json: Transformer -> Pooling -> Dense...
@@ -49,8 +53,6 @@ class ModelFiles:
 
     @cached_property
     def config(self) -> dict:
-        from .common import read_json
-
         return read_json(self.model_id, self.config_dir / "config.json")
 
     @property
@@ -77,9 +79,43 @@ def get(name: str) -> Family:
     """The registered family `name` (its module imported on first use)."""
     module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
     family = module.FAMILY
-    assert family.name == name, f"models/{_MODULES[name]}.py declares {family.name!r}, registered as {name!r}"
+    assert family.name == name, \
+        f"models/families/{_MODULES[name]}.py declares {family.name!r}, registered as {name!r}"
     return family
 
 
 def all_families() -> list[Family]:
     return [get(name) for name in FAMILIES]
+
+
+def model_files(path, model_id: str | None = None) -> ModelFiles:
+    """What detection reads of the model directory `path` (no weights)."""
+    path = Path(path)
+    model_id = model_id or str(path)
+    if not path.is_dir():
+        raise ModelLoadError(model_id, "not a directory", file=str(path))
+    modules = read_json(model_id, path / "modules.json", required=False)
+    config_dir = path
+    if modules is not None:
+        if not isinstance(modules, list) or not modules or not all(isinstance(m, dict) for m in modules):
+            raise ModelLoadError(model_id, "modules.json is not a non-empty list of modules", file="modules.json")
+        modules = sorted(modules, key=lambda m: int(m.get("idx", 0)))
+        # The first module is the Transformer: its folder holds the backbone's config.json.
+        config_dir = path / modules[0].get("path", "")
+    return ModelFiles(path=path, model_id=model_id, modules=modules, config_dir=config_dir,
+                      names=model_names(path, model_id))
+
+
+def detect_family(path, model_id: str | None = None) -> str:
+    """One of FAMILIES, or a ModelLoadError saying why none fits."""
+    files = model_files(path, model_id)
+    families = all_families()
+    for family in families:
+        if family.detect(files):
+            return family.name
+    config = files.config
+    raise ModelLoadError(
+        files.model_id, f"unsupported architecture {files.architectures or None} (model_type "
+                        f"{config.get('model_type')!r}); supported: {'; '.join(f.supports for f in families)}. "
+                        "A supported family the files do not name can be set with `family`",
+        file="config.json")

@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .causal import CausalLMScorer
-from .common import load_config, position_limit, read_json, resolve_max_length
-from .encoded import EncodedBatch
-from .encoding import Encoder, backend_copy, check_items
-from .errors import InputError, InputTooLongError, ModelLoadError
-from .families import Family
-from .tokenization import load_tokenizer
+from ..causal_lm import CausalLMScorer
+from ..config import load_config, position_limit, read_json, resolve_max_length
+from ..encoded import EncodedBatch
+from ..encoding import DocumentSlot, Encoder, backend_copy, check_items
+from ..errors import InputError, InputTooLongError, ModelLoadError
+from ..tokenization import load_tokenizer
+from . import Family
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +193,10 @@ class StCausalEncoder(Encoder):
         return EncodedBatch.from_lists(ids)
 
     def document_slot(self, query, query_tokens, instruction=None):
-        """The chat template's rendering split at the document (API.md 1.6): the text before it and the text after
+        """The chat template's rendering split at the document (docs/API.md, Long documents): the text before it and the text after
         it, each tokenized as one piece, around the window; the query decoded back from its kept tokens. The two
         pieces are tokenized apart, as the window is, so no token spans a boundary (a rendering tokenized whole
         may merge the document's first or last characters with the template's)."""
-        from .windows import DocumentSlot
-
         check_items(self, (), instruction)
         prompt = self.default_instruction if instruction is None else instruction
         query = self.kept_query(query, query_tokens)

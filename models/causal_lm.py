@@ -163,7 +163,7 @@ class CausalLMScorer(Scorer):
                  dtype: str, device: str, token_budget: int | None, execution: str = "auto"):
         from transformers import AutoModel
 
-        from .common import from_pretrained, torch_dtype
+        from .loading import from_pretrained, torch_dtype
         from .packing import packed_position_offset
 
         super().__init__(family=family, model_id=model_id, encoder=encoder, dtype=dtype, device=device,
@@ -180,7 +180,7 @@ class CausalLMScorer(Scorer):
 
     @property
     def supports_packed(self) -> bool:
-        return self._packable  # base models verified to run packed (models/common.py)
+        return self._packable  # base models verified to run packed (models/packing.py)
 
     def set_execution(self, requested: str | None = None) -> str:
         """As Scorer's; and a base model that runs packed keeps the "packed" attention implementation in padded

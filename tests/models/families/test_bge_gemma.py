@@ -21,7 +21,7 @@ import pytest
 
 from models import InputTooLongError, ModelLoadError, PairRequiredError, attention, detect_family, load_encoder, \
     load_scorer
-from models.bge_gemma import DEFAULT_PROMPT
+from models.families.bge_gemma import DEFAULT_PROMPT
 from tests.llm_rerankers import build_bge_gemma
 from tests.tiny_models import DOCS, QUERIES
 
@@ -124,7 +124,7 @@ def test_default_length_matches(bge_dirs, bge_scorers):
 
 
 def test_a_real_tokenizer_limit_bounds_the_input_and_sets_flag_embeddings_length(tmp_path):
-    """API.md 1.5 as for every family: a tokenizer model_max_length that is a real limit (128 here) is the max input
+    """docs/API.md, Max input length as for every family: a tokenizer model_max_length that is a real limit (128 here) is the max input
     length, capped by the positions; FlagEmbedding's max_length L is that minus the prompt overhead, and long pairs
     score as FlagLLMReranker does at L."""
     path = build_bge_gemma(tmp_path / "limited" / "bge-reranker-v2-gemma", seed=33, model_max_length=128)
