@@ -85,7 +85,7 @@ def test_no_import_circle(graph):
 def test_the_circle_finder_finds_a_circle(graph):
     circled = {k: set(v) for k, v in graph.items()}
     circled["models.encoded"].add("models.windows")  # windows imports encoded already
-    assert ["models.encoded", "models.windows"] in import_circles(circled)
+    assert any({"models.encoded", "models.windows"} <= set(c) for c in import_circles(circled))
 
 
 def test_every_family_is_a_module_of_models_families_and_every_module_there_a_family():
