@@ -123,7 +123,7 @@ def test_the_instruction_message_names_exactly_the_families_that_take_one(encode
 
     takes = set()
     for name in FAMILIES:
-        module = importlib.import_module(f"models.{name}")
+        module = importlib.import_module(f"models.families.{name}")
         own = [c for c in vars(module).values()
                if isinstance(c, type) and issubclass(c, Encoder) and c.__module__ == module.__name__] or [PairEncoder]
         if any(c.accepts_instruction for c in own):
