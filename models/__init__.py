@@ -26,8 +26,9 @@ __all__ = ["EncodedBatch", "ModelLoadError", "InputError", "InputTooLongError", 
            "Encoder", "Scorer", "FAMILIES"]
 
 
-def _resolve(model_id: str, revision: str | None, family: str, token: str | None) -> tuple[Path, families.Family]:
-    model_dir = resolve_model_dir(model_id, revision=revision, token=token)
+def _resolve(model_id: str, revision: str | None, family: str, token: str | None,
+             weights: bool = True) -> tuple[Path, families.Family]:
+    model_dir = resolve_model_dir(model_id, revision=revision, token=token, weights=weights)
     if family in (None, "auto"):
         family = detect_family(model_dir, model_id)
     elif family not in FAMILIES:
@@ -37,8 +38,8 @@ def _resolve(model_id: str, revision: str | None, family: str, token: str | None
 
 def load_encoder(model_id: str, *, revision: str | None = None, family: str = "auto", max_length: int | None = None,
                  token: str | None = None) -> Encoder:
-    """The model's tokenizer-side half (no weights): for the HTTP ingress."""
-    model_dir, family = _resolve(model_id, revision, family, token)
+    """The model's tokenizer-side half (no weights, none downloaded): for the HTTP ingress."""
+    model_dir, family = _resolve(model_id, revision, family, token, weights=False)
     return family.load_encoder(model_id, model_dir, max_length=max_length)
 
 

@@ -16,8 +16,9 @@ from typing import Callable
 
 from .errors import ModelLoadError
 
-# Files a model needs besides weights: configs, tokenizer files of every kind, module configs.
-_SMALL_FILE = re.compile(r"(\.json|\.txt|\.model|\.tiktoken|merges\.txt|vocab\.[a-z]+)$")
+# Files a model needs besides weights: configs, tokenizer files of every kind, module configs, and chat templates
+# (transformers saves them as chat_template.jinja; the causal CrossEncoders' prompts are rendered from them).
+_SMALL_FILE = re.compile(r"(\.json|\.txt|\.model|\.tiktoken|\.jinja|merges\.txt|vocab\.[a-z]+)$")
 _REPO_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 # Folders of exports and training leftovers that never hold what the PyTorch model needs.
 _SKIP_DIRS = ("onnx/", "openvino/", "coreml/", "tf/", "flax/", "checkpoint-", "runs/", ".")
@@ -30,10 +31,13 @@ def is_local_path(model_id: str) -> bool:
     return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
 
 
-def needed_files(files: list[str]) -> list[str]:
+def needed_files(files: list[str], weights: bool = True) -> list[str]:
     """The subset of a repository listing to download: small config/tokenizer files everywhere, and per folder
-    the safetensors weights, or the pytorch *.bin weights only where a folder has no safetensors."""
+    the safetensors weights, or the pytorch *.bin weights only where a folder has no safetensors.
+    `weights=False`: the small files only (what detection and tokenization read)."""
     files = [f for f in files if not f.startswith(_SKIP_DIRS)]
+    if not weights:
+        return [f for f in files if _SMALL_FILE.search(f) and not f.endswith("training_args.bin")]
     with_safetensors = {posixpath.dirname(f) for f in files if f.endswith(".safetensors")}
     keep = []
     for f in files:
@@ -77,9 +81,11 @@ def _cached_snapshot(model_id: str, revision: str | None, token: str | None) -> 
         return None
 
 
-def resolve_model_dir(model_id: str, revision: str | None = None, token: str | None = None) -> Path:
+def resolve_model_dir(model_id: str, revision: str | None = None, token: str | None = None,
+                      weights: bool = True) -> Path:
     """A local directory holding the model: `model_id` itself when it is a directory, else a Hub snapshot in
-    the standard cache (HF_HOME / HF_HUB_CACHE), limited to the files the model needs."""
+    the standard cache (HF_HOME / HF_HUB_CACHE), limited to the files the model needs. `weights=False` fetches
+    no weights (the ingress only tokenizes: a 9B model's 18 GB stay on the nodes that score)."""
     local = Path(model_id).expanduser()
     if local.is_dir():
         return local
@@ -95,7 +101,7 @@ def resolve_model_dir(model_id: str, revision: str | None = None, token: str | N
         if cached is None:
             raise
         return cached
-    wanted = needed_files(files)
+    wanted = needed_files(files, weights=weights)
     from huggingface_hub import snapshot_download
 
     try:

@@ -113,6 +113,43 @@ def test_downloads_only_the_needed_files(hub, tiny):
     assert load_encoder("org/tiny-modular").model_id == "org/tiny-modular"
 
 
+def weight_files(path: Path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                  if p.is_file() and p.suffix in (".safetensors", ".bin"))
+
+
+@pytest.fixture
+def causal_hub(tmp_path, monkeypatch):
+    """A Sentence Transformers causal CrossEncoder on the stand-in Hub: its prompt comes from chat_template.jinja."""
+    from tests.llm_rerankers import build_st_causal
+
+    root = build_st_causal(tmp_path / "st_causal")
+    assert (root / "chat_template.jinja").is_file()  # the layout transformers saves, which the test is about
+    fake = FakeHub({"org/st-causal": root})
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield fake, root
+    fake.close()
+
+
+@pytest.mark.parametrize("repo", ["org/tiny-modular", "org/st-causal"])
+def test_the_ingress_encoder_downloads_no_weights_and_encodes_as_the_local_model(repo, request, tiny):
+    """load_encoder (the ingress) fetches configs and tokenizer files only; its encodings equal those of the
+    whole model directory. Then the replica's resolve fetches the weights into the same snapshot."""
+    local = tiny["modular"] if repo == "org/tiny-modular" else request.getfixturevalue("causal_hub")[1]
+    if repo == "org/tiny-modular":
+        request.getfixturevalue("hub")
+    encoder = load_encoder(repo)
+    snapshot = resolve_model_dir(repo, weights=False)  # the same snapshot, already complete: no new download
+    assert weight_files(snapshot) == []
+    items = [("what is packed attention", "sequences in one row with their own boundaries"),
+             ("a query", "a much longer document " * 20)]
+    got, want = encoder.encode(items), load_encoder(str(local)).encode(items)
+    assert got.input_ids.tolist() == want.input_ids.tolist() and got.offsets.tolist() == want.offsets.tolist()
+    assert weight_files(resolve_model_dir(repo)) != []
+
+
 def test_missing_repository_names_the_model(hub):
     with pytest.raises(ModelLoadError, match="org/missing.*repository not found"):
         resolve_model_dir("org/missing")
