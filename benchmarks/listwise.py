@@ -16,7 +16,6 @@ The scores of different models are not compared (random weights); each must be f
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import build
+from .run import write_report
 from .workload import nq_like_lengths
 
 PAIRWISE = "qwen3-0.6b"
@@ -142,9 +142,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     report = run(args)
     report["quick"] = args.quick
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -30,14 +30,13 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import build
-from .run import _free_port, make_pairs
+from .run import _free_port, make_pairs, post_concurrently, write_report
 from .workload import TINY_MODELS
 
 ROUTES = ("/rerank", "/predict", "/v1/rerank", "/v2/rerank")
@@ -79,34 +78,10 @@ def make_requests(models: list[str], n: int, seed: int = 0) -> list[dict]:
 
 def send_all(url: str, requests: list[dict], concurrency: int) -> dict:
     """Every request, `concurrency` clients at once: wall time, per-request latencies, failures."""
-    import httpx
-
-    latencies = [0.0] * len(requests)
-    failures: list[str] = []
-    order = iter(range(len(requests)))
-    lock = threading.Lock()
-
-    def client():
-        with httpx.Client(timeout=300) as http:
-            while True:
-                with lock:
-                    i = next(order, None)
-                if i is None:
-                    return
-                req = requests[i]
-                start = time.perf_counter()
-                r = http.post(url + req["route"], content=req["body"], headers={"content-type": "application/json"})
-                latencies[i] = time.perf_counter() - start
-                if r.status_code != 200:
-                    failures.append(f"{req['route']} {req['model']}: {r.status_code} {r.text[:200]}")
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall, responses, latencies = post_concurrently([(url + r["route"], r["body"]) for r in requests], concurrency,
+                                                   timeout=300)
+    failures = [f"{req['route']} {req['model']}: {r.status_code} {r.text[:200]}"
+                for req, r in zip(requests, responses) if r.status_code != 200]
     ms = np.array(latencies) * 1000
     pairs = sum(r["pairs"] for r in requests)
     return {"requests": len(requests), "pairs": pairs, "seconds": wall, "requests_per_s": len(requests) / wall,
@@ -296,9 +271,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     report = run(args)
     print_table(report)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 1 if report["errors"] else 0
 
 

@@ -231,26 +231,33 @@ class Service:
             ray.shutdown()
 
 
-def _post_all(url: str, bodies: list[bytes], concurrency: int, parse: bool = True) -> tuple[float, list]:
-    """POST every body with `concurrency` clients; (wall seconds, responses in body order; None unparsed)."""
+def write_report(report: dict, out: str | None) -> None:
+    """The benchmark's figures as JSON at `out` (nothing without one)."""
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+
+
+def post_concurrently(jobs: list[tuple[str, bytes]], concurrency: int, timeout: float = 600) -> tuple[float, list, list]:
+    """POST every (url, JSON body) with `concurrency` clients taking the next job as they finish one: (wall
+    seconds, the httpx responses and the per-request seconds, both in job order)."""
     import httpx
-    results: list = [None] * len(bodies)
-    errors: list[str] = []
-    next_index = iter(range(len(bodies)))
+    responses: list = [None] * len(jobs)
+    latencies = [0.0] * len(jobs)
+    next_index = iter(range(len(jobs)))
     lock = threading.Lock()
 
     def client():
-        with httpx.Client(timeout=600) as http:
+        with httpx.Client(timeout=timeout) as http:
             while True:
                 with lock:
                     i = next(next_index, None)
                 if i is None:
                     return
-                r = http.post(url, content=bodies[i], headers={"content-type": "application/json"})
-                if r.status_code != 200:
-                    errors.append(f"{r.status_code}: {r.text[:300]}")
-                    return
-                results[i] = r.json() if parse else None
+                url, body = jobs[i]
+                start = time.perf_counter()
+                responses[i] = http.post(url, content=body, headers={"content-type": "application/json"})
+                latencies[i] = time.perf_counter() - start
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     start = time.perf_counter()
@@ -258,10 +265,16 @@ def _post_all(url: str, bodies: list[bytes], concurrency: int, parse: bool = Tru
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start, responses, latencies
+
+
+def _post_all(url: str, bodies: list[bytes], concurrency: int, parse: bool = True) -> tuple[float, list]:
+    """POST every body with `concurrency` clients; (wall seconds, responses in body order; None unparsed)."""
+    seconds, responses, _ = post_concurrently([(url, b) for b in bodies], concurrency)
+    errors = [f"{r.status_code}: {r.text[:300]}" for r in responses if r.status_code != 200]
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) to {url} failed, first: {errors[0]}")
-    return seconds, results
+    return seconds, [r.json() if parse else None for r in responses]
 
 
 def bench_http(service: Service, name: str, pairs, reference: np.ndarray, latency_docs: list[str], *,
@@ -484,9 +497,7 @@ def main(argv=None) -> int:
         from .capacity import print_capacity
         print_capacity(report)
     print_table(report)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     failed = report.get("errors") or any(e.get("errors") for e in report["models"].values())
     return 1 if failed else 0
 

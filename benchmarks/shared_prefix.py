@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from . import build
+from .run import write_report
 from .workload import rerank_request
 
 MODELS = ("qwen3-small", "qwen3-0.6b")
@@ -269,9 +270,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     report = run(args)
     print_table(report)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 1 if failed(report) else 0
 
 
