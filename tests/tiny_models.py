@@ -282,3 +282,18 @@ BUILDERS = {
 def build_all(root: str | os.PathLike) -> dict[str, Path]:
     root = Path(root)
     return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
+def cached_scorers(dirs: dict[str, Path], **defaults):
+    """get(name, **kw): the fp32 CPU scorer of `dirs[name]` loaded with `defaults` and `kw`, once per settings."""
+    from models import load_scorer
+
+    cache = {}
+
+    def get(name: str, **kw):
+        kw = {**defaults, **kw}
+        key = (name, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = load_scorer(str(dirs[name]), dtype="float32", device="cpu", **kw)
+        return cache[key]
+    return get

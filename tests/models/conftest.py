@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tiny_models import build_all
+from tests.tiny_models import build_all, cached_scorers
 
 
 @pytest.fixture(scope="session")
@@ -15,14 +15,4 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def scorers(tiny):
     """Loaded fp32 CPU scorers, one per variant, loaded on first use."""
-    from models import load_scorer
-
-    cache = {}
-
-    def get(name: str, **kw):
-        key = (name, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = load_scorer(str(tiny[name]), dtype="float32", device="cpu", **kw)
-        return cache[key]
-
-    return get
+    return cached_scorers(tiny)

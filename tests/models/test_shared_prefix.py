@@ -21,7 +21,7 @@ from models.prefix import (MODEL_TYPES, SharedPrefixInputs, agreement, best_leng
                            shared_inputs, shared_last_hidden, unsupported_reason)
 from models.windows import encode_windows
 from tests.llm_rerankers import build_bge_gemma, build_mxbai, build_st_causal
-from tests.tiny_models import DOCS, QUERIES, build_qwen3_reranker
+from tests.tiny_models import DOCS, QUERIES, build_qwen3_reranker, cached_scorers
 
 pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored when `padding`")
 
@@ -47,16 +47,8 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorer_of(dirs):
-    cache = {}
-
-    def get(name: str, **kw):
-        if name.startswith("qwen3"):
-            kw.setdefault("max_length", QWEN_MAX_LENGTH)
-        key = (name, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = load_scorer(str(dirs[name]), dtype="float32", device="cpu", **kw)
-        return cache[key]
-    return get
+    qwen3, others = cached_scorers(dirs, max_length=QWEN_MAX_LENGTH), cached_scorers(dirs)
+    return lambda name, **kw: (qwen3 if name.startswith("qwen3") else others)(name, **kw)
 
 
 def reference(name: str, path, pairs, *, instruction=None, side="right", max_length=None) -> np.ndarray:

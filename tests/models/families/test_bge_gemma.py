@@ -23,7 +23,7 @@ from models import InputTooLongError, ModelLoadError, PairRequiredError, attenti
     load_scorer
 from models.families.bge_gemma import DEFAULT_PROMPT
 from tests.llm_rerankers import build_bge_gemma
-from tests.tiny_models import DOCS, QUERIES
+from tests.tiny_models import DOCS, QUERIES, cached_scorers
 
 TOL = 1e-5
 PAIRS = [(q, d) for q in QUERIES for d in DOCS] + [("berlin population " * 40, "berlin")]
@@ -79,14 +79,7 @@ def reference(path, pairs, *, side="right", prompt=None, max_length=512):
 
 @pytest.fixture(scope="module")
 def bge_scorers(bge_dirs):
-    cache = {}
-
-    def get(name, **kw):
-        key = (name, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = load_scorer(str(bge_dirs[name]), dtype="float32", device="cpu", **kw)
-        return cache[key]
-    return get
+    return cached_scorers(bge_dirs)
 
 
 def test_detected_by_name_only(bge_dirs, tmp_path):

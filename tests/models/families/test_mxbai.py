@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import InputTooLongError, ModelLoadError, PairRequiredError, attention, detect_family, load_encoder, \
-    load_scorer
+from models import InputTooLongError, ModelLoadError, PairRequiredError, attention, detect_family, load_encoder
 from tests.llm_rerankers import _build_mxbai
-from tests.tiny_models import DOCS, QUERIES
+from tests.tiny_models import DOCS, QUERIES, cached_scorers
 
 TOL = 1e-5
 PAIRS = [(q, d) for q in QUERIES for d in DOCS] + [("berlin population " * 30, "berlin")]
@@ -67,14 +66,7 @@ def reference(path, pairs, *, side="right", instruction=None, max_length=8192):
 
 @pytest.fixture(scope="module")
 def mx_scorers(mx_dirs):
-    cache = {}
-
-    def get(name, **kw):
-        key = (name, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = load_scorer(str(mx_dirs[name]), dtype="float32", device="cpu", **kw)
-        return cache[key]
-    return get
+    return cached_scorers(mx_dirs)
 
 
 def test_detected_by_name_only(mx_dirs, tmp_path):

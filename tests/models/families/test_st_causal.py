@@ -13,9 +13,9 @@ import torch
 from sentence_transformers import CrossEncoder
 
 from models import (InputTooLongError, InstructionNotSupportedError, ModelLoadError, PairRequiredError, attention,
-                    detect_family, load_encoder, load_scorer)
+                    detect_family, load_encoder)
 from tests.llm_rerankers import build_st_causal
-from tests.tiny_models import DOCS, QUERIES
+from tests.tiny_models import DOCS, QUERIES, cached_scorers
 
 pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored when `padding`")
 
@@ -58,14 +58,7 @@ def reference(path, pairs, *, side="right", prompt=None):
 
 @pytest.fixture(scope="module")
 def st_scorers(st_dirs):
-    cache = {}
-
-    def get(name, **kw):
-        key = (name, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = load_scorer(str(st_dirs[name]), dtype="float32", device="cpu", **kw)
-        return cache[key]
-    return get
+    return cached_scorers(st_dirs)
 
 
 def test_detected_from_modules_json(st_dirs):
