@@ -171,7 +171,7 @@ class ModelReplica:
         # Held from arrival to answer: waiting in the batch queue counts as much as being scored.
         with self.work.track(tokens=tokens, pairs=len(batch)):
             if tokens <= self.token_budget:
-                raw = await self._score_queued(batch, arrived)
+                raw = await self._score_queued(batch, arrived, tokens)
             else:
                 # Listwise: whole lists only (a list's blocks are merged in one score call); a list over the
                 # budget then takes a forward of its own, as a single over-long sequence does.
@@ -189,8 +189,9 @@ class ModelReplica:
         replica disables it). The mean work held since the last call, and this replica's token budget."""
         return self.work.autoscaling_stats()
 
-    async def _score_queued(self, batch: EncodedBatch, arrived: float) -> np.ndarray:
-        tokens = self.scorer.computed_tokens(batch)
+    async def _score_queued(self, batch: EncodedBatch, arrived: float, tokens: int | None = None) -> np.ndarray:
+        """`batch` through the batcher, or alone when over the budget; `tokens`: its computed_tokens if known."""
+        tokens = self.scorer.computed_tokens(batch) if tokens is None else tokens
         if tokens > self.token_budget:
             # A single sequence longer than the whole budget: its own forward pass, outside the batcher.
             return await self._forward(batch)
@@ -295,7 +296,7 @@ class ModelReplica:
                "max_length": self.scorer.max_length,
                "token_budget": self.token_budget, "num_parameters": int(self.scorer.num_parameters),
                "load_time_s": round(self.load_time_s, 3),
-               "shared_prefix": bool(self.scorer.shared_prefix == "auto" and self.scorer.supports_shared_prefix),
+               "shared_prefix": bool(self.scorer.prefix_sharing),
                "torch_threads": self.torch_threads, "torch_threads_from": self.threads_from,
                "torch_threads_why": "torch's own setting: the forward runs on the GPU",
                "cpus_seen": self.cpus_seen, "cpu_node": None,

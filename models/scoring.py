@@ -224,10 +224,14 @@ class Scorer:
 
         self.shared_prefix = check_setting(setting)
 
+    @property
+    def prefix_sharing(self) -> bool:
+        """Whether this scorer computes marked prefixes once: set to "auto" and supported by the model."""
+        return self.shared_prefix == "auto" and self.supports_shared_prefix
+
     def shares_prefixes(self, batch: EncodedBatch) -> bool:
         """Whether `score(batch)` computes some prefix once for several sequences."""
-        return (batch.prefix_lengths is not None and self.shared_prefix == "auto" and self.supports_shared_prefix
-                and len(batch.prefix_groups[1]) > 0)
+        return batch.prefix_lengths is not None and self.prefix_sharing and len(batch.prefix_groups[1]) > 0
 
     def computed_tokens(self, batch: EncodedBatch) -> int:
         """Tokens `score(batch)` computes as one chunk: each shared prefix once (what token budgets count)."""
@@ -406,7 +410,7 @@ class Scorer:
         that shares prefixes scores the batch a second time with its prompt shared (its other kernel calls)."""
         batch = self.encoder.encode(list(self.WARMUP_PAIRS))
         raw = self._warm(batch, "")
-        if self.shared_prefix == "auto" and self.supports_shared_prefix:
+        if self.prefix_sharing:
             from .prefix import mark_shared_prefixes
 
             marked = mark_shared_prefixes(self.encoder, batch, [q for q, _ in self.WARMUP_PAIRS])

@@ -164,17 +164,17 @@ class RerankService:
     async def encode_and_score(self, model: ModelSettings, items: Sequence[tuple[str, str | None]], field: str, *,
                                query_field: str | None = None, long_documents: str | None = None,
                                **kwargs: Any) -> tuple[np.ndarray, int]:
-        """(raw score per item, tokens scored). With long_documents "chunk" (docs/API.md, Long documents) a pair that does not fit
-        is several sequences of the one batch (its windows), scored and fanned out like any others; its score is
-        the max over them, and every window's tokens count. With shared_prefix "auto" (docs/API.md, Shared prefix) the batch carries
-        the prefix marks of the family's causal template; the tokens counted are those of pairwise scoring. `field`
-        names the request's list of items, and `query_field` its query where that is one field of its own (the
-        rerank routes), in errors."""
+        """(raw score per item, tokens scored). With long_documents "chunk" (docs/API.md) a pair
+        that does not fit is several sequences of the one batch (its windows), scored and fanned out like any
+        others; its score is the max over them, and every window's tokens count. With shared_prefix "auto"
+        (docs/API.md, Shared prefix) the batch carries the prefix marks of the family's causal template; the
+        tokens counted are those of pairwise scoring. `field` names the request's list of items, and
+        `query_field` its query where that is one field of its own (the rerank routes), in errors."""
         encoder = self.encoders[model.name]
         chunk = (long_documents or model.long_documents) == "chunk"
         encode = partial(encode_windows, encoder, chunk_overlap=model.chunk_overlap,
                          max_chunks=model.max_chunks) if chunk else encoder.encode
-        if model.shared_prefix == "auto" and getattr(encoder, "shares_prefix", False):
+        if self._marks_prefixes(model):
             encode = partial(encode_marked, encoder, encode)  # in the same worker thread as the tokenizer
         encoded = await self._in_thread(encode, items, field, query_field, **kwargs)
         if chunk:
@@ -184,6 +184,10 @@ class RerankService:
     # --- listwise families (models/families/jina_v3.py): the documents of a request are one list, scored together ---
     def _listwise(self, model: ModelSettings) -> bool:
         return bool(getattr(self.encoders[model.name], "listwise", False))
+
+    def _marks_prefixes(self, model: ModelSettings) -> bool:
+        """Whether the ingress marks shared prefixes for `model`: set to "auto" and the family's template has one."""
+        return model.shared_prefix == "auto" and bool(getattr(self.encoders[model.name], "shares_prefix", False))
 
     def _activate(self, model: ModelSettings, raw: np.ndarray, raw_scores: bool = False) -> np.ndarray:
         """What a route returns for raw scores: sigmoid(raw), or raw itself when asked for or when the family's raw
@@ -354,14 +358,13 @@ class RerankService:
             "accepts_single_text": encoder.accepts_single,
             "accepts_instruction": encoder.accepts_instruction,
             "default_instruction": encoder.default_instruction,
-            "listwise": bool(getattr(encoder, "listwise", False)),  # a request's documents are scored together
+            "listwise": self._listwise(model),  # a request's documents are scored together
             "long_documents": model.long_documents,
             "chunk_overlap": model.chunk_overlap,
             "max_chunks": model.max_chunks,
             "shared_prefix": model.shared_prefix,
             # Whether prefixes are really computed once: the setting, the family's template and the loaded model.
-            "shared_prefix_active": (model.shared_prefix == "auto" and bool(getattr(encoder, "shares_prefix", False))
-                                     and loaded.get("shared_prefix")) if loaded else None,
+            "shared_prefix_active": (self._marks_prefixes(model) and loaded.get("shared_prefix")) if loaded else None,
             "num_parameters": loaded.get("num_parameters"),
             "loaded": bool(loaded),
             "batching": {

@@ -67,7 +67,7 @@ class ShareScorer:
     """A loaded model as the replica sees it; forwards of more than `fits` tokens run out of memory."""
 
     family, dtype, device, execution, num_parameters = "seq_cls", "bfloat16", "cuda", "packed", 1000
-    shared_prefix, supports_shared_prefix = "auto", False  # an encoder family: no prefix to share
+    prefix_sharing = False  # an encoder family: no prefix to share
 
     def __init__(self, encoder, token_budget, fits):
         self.encoder, self.token_budget, self.max_length, self.fits = encoder, token_budget, encoder.max_length, fits

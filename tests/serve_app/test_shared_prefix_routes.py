@@ -35,7 +35,7 @@ class ScorerBackend:
     async def describe(self):
         s = self.scorer
         return {"family": s.family, "dtype": "float32", "device": "cpu", "token_budget": s.token_budget,
-                "shared_prefix": s.shared_prefix == "auto" and s.supports_shared_prefix}
+                "shared_prefix": s.prefix_sharing}
 
     async def ready(self):
         return True, "ok"
