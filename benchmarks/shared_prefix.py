@@ -1,4 +1,4 @@
-"""Shared-prefix scoring (docs/API.md, Shared prefix) against pairwise scoring of the same requests, in one run.
+"""Shared-prefix scoring (docs/API.md) against pairwise scoring of the same requests, in one run.
 
     python -m benchmarks.shared_prefix [--device cpu|cuda] [--quick] [--out results.json]
         [--models qwen3-small,qwen3-0.6b] [--docs 100] [--requests 4] [--rounds 5] [--concurrency 2] [--skip-http]

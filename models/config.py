@@ -70,7 +70,7 @@ def real_tokenizer_limit(model_max_length: Any) -> int | None:
 
 def resolve_max_length(model_id: str, *, configured: int | None, file_configured: int | None,
                        tokenizer_max: int | None, pos_limit: int | None, default: int | None = None) -> int:
-    """The max input length rule (docs/API.md, Max input length).
+    """The max input length rule (docs/API.md).
 
     `configured` (the deployment's max_length) wins, and may not exceed the position limit. A limit saved with
     the model (sentence_bert_config max_seq_length) is next, capped at the position limit. Else the smaller of

@@ -8,7 +8,7 @@ several documents (`outputs`: how many scores it yields), and the blocks of one 
 (`groups`: the list each belongs to). Every layer that cuts a batch keeps a group whole (models/cutting.py), and
 scores travel in sequence order, `outputs[i]` of them for sequence i (`score_index`).
 
-Shared prefixes (docs/API.md, Shared prefix, models/prefix.py): every sequence keeps ALL its tokens (what pairwise scoring sees,
+Shared prefixes (docs/API.md, models/prefix.py): every sequence keeps ALL its tokens (what pairwise scoring sees,
 so lengths, token counts and /tokenize are unchanged); `prefix_lengths[i]` > 0 says that its first tokens may be
 computed once for every sequence of the batch that starts with the same tokens. Sequences are grouped by those
 tokens themselves, so a group can never hold two different prefixes, and `select` / `concat` (fan-out pieces,

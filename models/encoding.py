@@ -187,7 +187,7 @@ class DocumentSlot:
 class Encoder:
     """Turns (query, document) items into an EncodedBatch the family's Scorer takes. Light: tokenizer only.
 
-    Long documents (docs/API.md, Long documents): models/windows.py's `encode_windows(encoder, ...)` scores a pair that does not
+    Long documents (docs/API.md): models/windows.py's `encode_windows(encoder, ...)` scores a pair that does not
     fit as windows of its document's tokens; the planner is generic and needs from a family only two things:
       - `encode(items, truncate=False, ...)` raising InputTooLongError for a pair over `max_length` (every
         family does: that is how `truncate: false` works), and
@@ -231,7 +231,7 @@ class Encoder:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
 
-    # --- long documents (docs/API.md, Long documents) -------------------------------------------------------------------------
+    # --- long documents (docs/API.md) -------------------------------------------------------------------------
     @property
     def supports_windows(self) -> bool:
         return type(self).document_slot is not Encoder.document_slot
@@ -262,7 +262,7 @@ class Encoder:
         return direction, queries, docs
 
     def kept_query(self, query: str, query_tokens: int) -> str:
-        """The query, decoded back from its first `query_tokens` tokens when it has more (docs/API.md, Long documents): for
+        """The query, decoded back from its first `query_tokens` tokens when it has more (docs/API.md): for
         templates that tokenize the query inside a larger piece of text."""
         tok = self.plain_tokenizer()
         ids = tok.encode(query, add_special_tokens=False).ids

@@ -1,4 +1,4 @@
-"""Shared-prefix scoring (docs/API.md, Shared prefix): the tokens every pair of a request starts with run once, not once per pair.
+"""Shared-prefix scoring (docs/API.md): the tokens every pair of a request starts with run once, not once per pair.
 
 Causal attention makes a prefix's keys and values independent of what follows it, so a sequence's own tokens,
 at positions continuing after the prefix and attending to the prefix's keys and values, give exactly the
@@ -81,7 +81,7 @@ def best_length(common: np.ndarray) -> int:
 def mark_shared_prefixes(encoder, batch: EncodedBatch, queries: Sequence[str], instruction: str | None = None, *,
                          window_query_tokens: int | None = None) -> EncodedBatch:
     """`batch` with the prefix marks of its sequences (see the module docstring); `queries[i]` is sequence i's
-    query. `window_query_tokens`: the batch holds long-document windows (docs/API.md, Long documents), built around the query cut
+    query. `window_query_tokens`: the batch holds long-document windows (docs/API.md), built around the query cut
     to that many tokens, whose template is a second candidate. Only the marks change: ids, lengths and token
     counts stay those of pairwise scoring."""
     from .errors import InputError

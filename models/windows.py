@@ -1,4 +1,4 @@
-"""Long documents scored whole (docs/API.md, Long documents): a pair that does not fit is scored as overlapping windows of its
+"""Long documents scored whole (docs/API.md): a pair that does not fit is scored as overlapping windows of its
 document's tokens, each put into the model's template in the document's place; the pair's raw score is the max
 over its windows.
 
@@ -19,13 +19,13 @@ from .encoded import EncodedBatch
 from .encoding import check_items, check_max_tokens_per_doc
 from .errors import InputError, InputTooLongError
 
-# Fewer document tokens than this per window: the pair is scored as with "truncate" (docs/API.md, Long documents).
+# Fewer document tokens than this per window: the pair is scored as with "truncate" (docs/API.md).
 MIN_WINDOW = 32
 _ALL = 1 << 62  # "keep every query token"
 
 
 def window_query_tokens(max_length: int) -> int:
-    """The query tokens a window's template keeps (docs/API.md, Long documents: the query's first max_length // 2 tokens)."""
+    """The query tokens a window's template keeps (docs/API.md: the query's first max_length // 2 tokens)."""
     return max_length // 2
 
 
@@ -83,7 +83,7 @@ def _fits(encoder, item, *, instruction, max_tokens_per_doc) -> bool:
 
 def _refuse_long_singles(encoder, items, plain: EncodedBatch, cut: list[bool] | None, *, instruction) -> None:
     """With `truncate: false`, a single text (no document) that does not fit is a 422 as in "truncate" mode:
-    windows apply to the documents of pairs only (docs/API.md, Long documents), so there is nothing to chunk it into."""
+    windows apply to the documents of pairs only (docs/API.md), so there is nothing to chunk it into."""
     for i, (_, doc) in enumerate(items):
         if doc is not None or not (cut[i] if cut is not None else plain.lengths[i] >= encoder.max_length):
             continue
@@ -99,7 +99,7 @@ def _refuse_long_singles(encoder, items, plain: EncodedBatch, cut: list[bool] | 
 def encode_windows(encoder, items: Sequence[tuple[str, str | None]], *, truncate: bool = True,
                    direction: str = "right", instruction: str | None = None, max_tokens_per_doc: int | None = None,
                    chunk_overlap: int = 64, max_chunks: int = 32) -> WindowedBatch:
-    """`items` encoded with `long_documents: "chunk"` (docs/API.md, Long documents).
+    """`items` encoded with `long_documents: "chunk"` (docs/API.md).
 
     Items that fit (and single texts) are exactly the family's truncating `encode`; a pair that does not fit is
     its windows, unless fewer than MIN_WINDOW tokens are left for a window: then it is scored as with "truncate"

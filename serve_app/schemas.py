@@ -1,4 +1,4 @@
-"""Request/response bodies of docs/API.md and the mapping from an exception to an HTTP error (Ray's: deployments/errors.py).
+"""Request/response bodies (docs/API.md) and the mapping of an exception to its HTTP error (Ray's: deployments/errors.py).
 
 Requests are strict (no "3" for 3, no "yes" for true) and reject unknown fields, so a typo is a 422
 naming the field instead of a silently ignored option.
@@ -19,7 +19,7 @@ LongDocuments = Literal["truncate", "chunk"]
 
 
 def _long_documents():
-    return Field(default=None, description='"truncate" or "chunk" (docs/API.md, Long documents); null: the model\'s setting.')
+    return Field(default=None, description='"truncate" or "chunk" (docs/API.md); null: the model\'s setting.')
 
 
 def _top_n():
@@ -239,8 +239,8 @@ def map_exception(exc: BaseException) -> ApiError:
     """The HTTP error for an exception of the HTTP layer or of models/ (docs/API.md, Errors); no Ray here.
 
     Bad input becomes a 4xx; a model that could not load, or a sequence its device had no memory for even alone, a
-    503; anything else a JSON 500 (a bug, never caused by the request's content). Ray's exceptions are mapped at the Ray boundary
-    (deployments/errors.py), which falls back on this.
+    503; anything else a JSON 500 (a bug, never caused by the request's content). Ray's exceptions are mapped at
+    the Ray boundary (deployments/errors.py), which falls back on this.
     """
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException

@@ -53,7 +53,7 @@ class ModelSettings(BaseModel):
     max_length: PositiveInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    # Long documents (docs/API.md, Long documents): what a pair longer than max_length gets when a request does not say.
+    # Long documents (docs/API.md): what a pair longer than max_length gets when a request does not say.
     long_documents: Literal["truncate", "chunk"] = Field(default="truncate", description=(
         "truncate: an over-long pair is cut. chunk: its document is scored as overlapping windows of its tokens "
         "and the pair gets the max of their scores. A request's `long_documents` overrides it."))
@@ -61,7 +61,7 @@ class ModelSettings(BaseModel):
         "Tokens shared by consecutive windows (at most half a window)."))
     max_chunks: PositiveInt = Field(default=32, description="Windows scored per document at most; later text "
                                                             "is not scored.")
-    # Shared prefix (docs/API.md, Shared prefix): a request's prompt before the documents computed once, scores unchanged.
+    # Shared prefix (docs/API.md): a request's prompt before the documents computed once, scores unchanged.
     shared_prefix: Literal["auto", "off"] = Field(default="auto", description=(
         "auto: for models whose input puts the query before the document (the causal-LM families), the tokens every "
         "pair of a request starts with run once per forward batch and each document attends to them; pairs whose "

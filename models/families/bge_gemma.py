@@ -5,7 +5,7 @@ Input, from separately tokenized pieces (no special tokens added by the tokenize
     [bos] + "A: {query}" + "\\n" + "B: {passage}" + "\\n" + prompt
 "A: {query}" is cut to 3/4 of the passage length L and "B: {passage}" to L; then "\\n" + "B: ..." is cut so the
 part before the last "\\n" fits L + |"\\n"| + |prompt|. L is FlagEmbedding's `max_length`. Our max input length
-(docs/API.md, Max input length) counts the whole input with the default prompt, so L = max input length − 2 × (|"\\n"| + |default
+(docs/API.md) counts the whole input with the default prompt, so L = max input length − 2 × (|"\\n"| + |default
 prompt|); the max input length is the smaller of the tokenizer's real `model_max_length` and the position limit,
 or, with no real tokenizer limit, FlagEmbedding's default L of 512 plus that overhead.
 Cuts keep the start (Right) or the end (Left) of a piece, as the tokenizer's `truncation_side` does.
@@ -104,7 +104,7 @@ class BgeGemmaEncoder(PiecesEncoder):
 
     def document_slot(self, query, query_tokens, instruction=None):
         """[bos] + tokens of "A: {q}" (q decoded back from its kept tokens) + "\\n" + tokens of "B: " | window |
-        "\\n" + prompt: FlagEmbedding's separately tokenized pieces (docs/API.md, Long documents)."""
+        "\\n" + prompt: FlagEmbedding's separately tokenized pieces (docs/API.md)."""
         check_items(self, (), instruction)
         q_ids = self._piece(QUERY_FORMAT.format(self.kept_query(query, query_tokens)))
         return DocumentSlot(self.bos + q_ids + self.sep_ids + self._piece(PASSAGE_FORMAT.format("")),
@@ -112,7 +112,7 @@ class BgeGemmaEncoder(PiecesEncoder):
 
 
 def _encoder(model_id: str, model_dir: Path, config, max_length: int | None) -> BgeGemmaEncoder:
-    """Max input length (docs/API.md, Max input length): the configured one, else the smaller of the tokenizer's real limit and the
+    """Max input length (docs/API.md): the configured one, else the smaller of the tokenizer's real limit and the
     position limit; with no real tokenizer limit, FlagEmbedding's default passage length plus the prompt overhead
     (capped by the position limit). The encoder's passage length L is that minus the overhead."""
     tok = load_tokenizer(model_id, model_dir, config)

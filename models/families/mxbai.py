@@ -85,7 +85,7 @@ class MxbaiEncoder(PiecesEncoder):
 
     def document_slot(self, query, query_tokens, instruction=None):
         """prefix + tokens of the query piece (q decoded back from its kept tokens) + "\\n" + tokens of "document: "
-        | window | "\\n" + task prompt + suffix: the package's separately tokenized pieces (docs/API.md, Long documents)."""
+        | window | "\\n" + task prompt + suffix: the package's separately tokenized pieces (docs/API.md)."""
         check_items(self, (), instruction)
         q_ids = self._piece(query_text(self.kept_query(query, query_tokens), instruction))
         return DocumentSlot(self.prefix_ids + q_ids + self.sep_ids + self._piece(DOC_FORMAT.format("")),

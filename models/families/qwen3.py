@@ -68,7 +68,7 @@ class Qwen3Encoder(Encoder):
         return EncodedBatch.from_lists(ids)
 
     def document_slot(self, query, query_tokens, instruction=None):
-        """prefix + tokens of "<Instruct>: …\\n<Query>: {q}\\n<Document>: " as one piece | window | suffix (docs/API.md, Long documents),
+        """prefix + tokens of "<Instruct>: …\\n<Query>: {q}\\n<Document>: " as one piece | window | suffix (docs/API.md),
         q decoded back from the query's first `query_tokens` tokens when it has more."""
         query = self.kept_query(query, query_tokens)
         instruction = self.default_instruction if instruction is None else instruction

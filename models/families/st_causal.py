@@ -193,7 +193,7 @@ class StCausalEncoder(Encoder):
         return EncodedBatch.from_lists(ids)
 
     def document_slot(self, query, query_tokens, instruction=None):
-        """The chat template's rendering split at the document (docs/API.md, Long documents): the text before it and the text after
+        """The chat template's rendering split at the document (docs/API.md): the text before it and the text after
         it, each tokenized as one piece, around the window; the query decoded back from its kept tokens. The two
         pieces are tokenized apart, as the window is, so no token spans a boundary (a rendering tokenized whole
         may merge the document's first or last characters with the template's)."""

@@ -218,7 +218,7 @@ def test_download_list_takes_only_what_the_model_needs():
         ["config.json", "pytorch_model.bin", "vocab.txt"]
 
 
-# --- max input length (docs/API.md, Max input length) -----------------------------------------------------------------------------
+# --- max input length (docs/API.md) -----------------------------------------------------------------------------
 
 def test_xlmr_position_limit_is_max_positions_minus_pad_minus_one(copy_of):
     path = copy_of("xlmr")

@@ -1,4 +1,4 @@
-"""Long documents as windows (docs/API.md, Long documents) against a reference written here.
+"""Long documents as windows (docs/API.md) against a reference written here.
 
 The reference builds each pair's windows from the rules of 1.6 with transformers' tokenizer (its own token ids,
 the template written out per family and checked against the tokenizer's pair call) and scores every window with

@@ -1,4 +1,4 @@
-"""Long documents as windows (docs/API.md, Long documents) for the causal-LM families: Sentence Transformers
+"""Long documents as windows (docs/API.md) for the causal-LM families: Sentence Transformers
 causal CrossEncoders (chat template), mxbai-rerank-v2 and bge-reranker-v2-gemma, against a reference written here.
 
 The reference writes each family's input out from its reference's own texts (the chat templates the tiny models

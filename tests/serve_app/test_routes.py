@@ -437,7 +437,7 @@ def test_a_backend_returning_the_wrong_number_of_scores_is_an_error_not_a_wrong_
     error_of(client.post("/rerank", json={"query": "q", "texts": ["a", "b"]}), 500, "Internal")
 
 
-# ------------------------------------------------------------------------------- long documents (docs/API.md, Long documents)
+# ------------------------------------------------------------------------------- long documents (docs/API.md)
 # The fake model: max_length 64, "[CLS] q [SEP] doc" — a one-word query leaves W = 61 document tokens a window,
 # overlap min(64, 61 // 2) = 30, stride 31. A document's raw score = its words' scores summed.
 LONG = " ".join(["x"] * 95 + ["gold"] + ["x"] * 4)  # 100 words: windows [0:61], [31:92], [62:100]; gold in the 3rd
@@ -575,7 +575,7 @@ def test_a_request_may_pass_long_documents_only(field, value):
 
 
 def test_chunk_refuses_an_over_long_single_text_with_truncate_false():
-    """Windows apply to the documents of pairs only (docs/API.md, Long documents): an over-long single text with truncate=false is
+    """Windows apply to the documents of pairs only (docs/API.md): an over-long single text with truncate=false is
     the over-long 422 of docs/API.md, Errors in either mode, naming the input (tests/serve_app/test_bad_input.py: with
     truncation it is cut as usual, on real encoders)."""
     client, backend = make_long()

@@ -271,7 +271,7 @@ def test_build_app_fails_fast_on_an_unsupported_local_model(tmp_path):
 
 @pytest.mark.parametrize("setting, value", [("chunk_overlap", -1), ("max_chunks", 0), ("long_documents", "bogus")])
 def test_build_app_fails_on_bad_long_document_settings_naming_them(setting, value):
-    """A failed deploy before anything starts, with the setting's name in the message (docs/API.md, Long documents)."""
+    """A failed deploy before anything starts, with the setting's name in the message (docs/API.md)."""
     with pytest.raises(ValidationError) as e:
         build_app({"models": [{"model_id": "x/a", setting: value}]})
     assert setting in str(e.value)
