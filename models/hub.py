@@ -120,10 +120,11 @@ def check_available(model_id: str, revision: str | None = None, token: str | Non
         return "local"
     _check_id(model_id, local)
     token = token or os.environ.get("HF_TOKEN") or None
+    if _offline():
+        _cached_or_offline_error(model_id, revision, token)
+        return "cache"
     if _cached_snapshot(model_id, revision, token) is not None:
         return "cache"
-    if _offline():
-        raise ModelLoadError(model_id, "HF_HUB_OFFLINE is set and the model is not in the local cache")
     _hub_files(model_id, revision, token, _endpoint())
     return "hub"
 
