@@ -87,11 +87,7 @@ def constructor_tries(options: dict[str, Any]) -> int:
     each, up to 20). A replica that cannot load its model (missing or corrupt files, a model too big for its
     device) fails the same way every time, and each failure prints a traceback. Once a replica has started,
     Ray keeps replacing failed ones regardless."""
-    scaling = options.get("autoscaling_config")
-    if scaling is None:
-        replicas = options.get("num_replicas", 1)
-        return max(1, replicas) if isinstance(replicas, int) else 1  # "auto": Ray's autoscaling starts at 1
-    return max(1, int(scaling.get("initial_replicas") or 0), int(scaling.get("min_replicas") or 0))
+    return max(1, placement.initial_replicas(options))
 
 
 def model_size(model: ModelSettings, hf_token: str | None = None) -> int | None:

@@ -136,18 +136,23 @@ def _describe(n: Node) -> str:
 
 # --- the application's demand, from the options build_app gives Ray ---------------------------------------------
 
+def initial_replicas(options: dict[str, Any]) -> int:
+    """The replicas Ray starts a deployment of these options with: `num_replicas` (1 for "auto", whose
+    autoscaling starts at one), or an autoscaling_config's min_replicas (default 1), or initial_replicas when
+    given (0: a scale-to-zero model starts none)."""
+    scaling = options.get("autoscaling_config")
+    if scaling is None:
+        replicas = options.get("num_replicas", 1)
+        return replicas if isinstance(replicas, int) else 1
+    scaling = scaling if isinstance(scaling, dict) else dict(scaling)
+    return max(int(scaling.get("min_replicas", 1)), int(scaling.get("initial_replicas") or 0))
+
+
 def demand_of(who: str, options: dict[str, Any]) -> Demand:
     """The replicas a deployment's Ray options must start at deploy time and what each reserves."""
     actor = options.get("ray_actor_options", {})
-    scaling = options.get("autoscaling_config")
-    if scaling is not None:
-        scaling = scaling if isinstance(scaling, dict) else dict(scaling)
-        # Ray's AutoscalingConfig starts min_replicas (default 1), or initial_replicas when given.
-        replicas = max(int(scaling.get("min_replicas", 1)), int(scaling.get("initial_replicas") or 0))
-    else:
-        replicas = int(options.get("num_replicas", 1))
-    return Demand(who, replicas, float(actor.get("num_cpus", 1.0)), float(actor.get("num_gpus", 0) or 0),
-                  actor.get("accelerator_type"))
+    return Demand(who, initial_replicas(options), float(actor.get("num_cpus", 1.0)),
+                  float(actor.get("num_gpus", 0) or 0), actor.get("accelerator_type"))
 
 
 # --- the running cluster ------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app import AppSettings, ModelSettings, deployment_options
-from serve_app.builder import check_placement
+from serve_app.builder import check_placement, ingress_options
 from serve_app.placement import Demand, Node, check, demand_of, unplaced
 
 
@@ -99,6 +99,9 @@ def test_demand_follows_the_deployment_options():
     # The ingress's own Ray autoscaling_config: Ray starts min_replicas, 1 when not given.
     assert demand_of("i", {"ray_actor_options": {"num_cpus": 0.25}, "autoscaling_config": {"max_replicas": 4}}) \
         == Demand("i", 1, 0.25)
+    # An ingress of `num_replicas: auto`: Ray's default autoscaling starts one.
+    auto = AppSettings.model_validate({"models": [{"model_id": "org/a"}], "ingress": {"num_replicas": "auto"}})
+    assert demand_of("i", ingress_options(auto)).replicas == 1
 
 
 def test_no_check_without_a_fixed_cluster():
