@@ -289,8 +289,7 @@ class Scorer:
         transfer = self._transfer()
         if transfer is not None:
             return self._score_pipelined(batch, chunks, transfer)
-        run = self._score_packed if self.execution == "packed" else self._score_padded
-        parts = [run(batch, index) for index in chunks]
+        parts = [self._score_chunk(batch, index) for index in chunks]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _score_fitting(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
@@ -367,22 +366,24 @@ class Scorer:
         the budget counts padded tokens in padded mode, real tokens in packed mode."""
         return plan_chunks(lengths, self.token_budget, packed=self.execution == "packed")
 
-    # One chunk's host scores where there is no CUDA pipeline (CUDA always takes `_score_pipelined`):
-    # `_score_padded` / `_score_packed` build the chunk's inputs for `_forward_padded` / `_forward_packed` and run it.
-    def _score_packed(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
-        from .packing import pack
-
+    def _score_chunk(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
+        """One chunk's host scores where there is no CUDA pipeline (CUDA always takes `_score_pipelined`): its
+        shared-prefix inputs through `_forward_shared`, else `_score_packed` / `_score_padded`, which build the
+        chunk's inputs for `_forward_packed` / `_forward_padded` and run it."""
         shared = self._shared_inputs(batch, index)
         if shared is not None:
             return self._forward_shared(shared.to(self.device)).float().cpu().numpy()
+        run = self._score_packed if self.execution == "packed" else self._score_padded
+        return run(batch, index)
+
+    def _score_packed(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
+        from .packing import pack
+
         inputs = pack(batch, index, position_offset=self.position_offset, with_token_types=self.uses_token_types)
         scores = self._forward_packed(inputs.to(self.device))
         return scores.float().cpu().numpy()
 
     def _score_padded(self, batch: EncodedBatch, index: np.ndarray) -> np.ndarray:
-        shared = self._shared_inputs(batch, index)
-        if shared is not None:
-            return self._forward_shared(shared.to(self.device)).float().cpu().numpy()
         ids, mask, types = pad_right(batch, index, self.pad_id, self.uses_token_types)
         to = lambda a: None if a is None else torch.from_numpy(a).to(self.device)  # noqa: E731
         scores = self._forward_padded(to(ids), to(mask), to(types))
