@@ -93,11 +93,9 @@ def pack(batch: EncodedBatch, indices: Sequence[int] | np.ndarray | None = None,
     if lengths.min() <= 0:
         raise ValueError("cannot pack an empty sequence: every sequence needs at least one token")
     total = int(lengths.sum())
-    starts = np.repeat(chunk.offsets[:-1] - chunk.offsets[0], lengths)
-    positions = np.arange(total, dtype=np.int64) - starts + position_offset
+    positions = concat_positions(lengths, position_offset)
     pin_memory = pin_memory and torch.cuda.is_available()
-    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu[1:])
+    cu = cumulative(lengths)
 
     def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
@@ -118,6 +116,19 @@ def pack(batch: EncodedBatch, indices: Sequence[int] | np.ndarray | None = None,
         token_type_ids=types,
         lengths=lengths.astype(np.int64),
     )
+
+
+def cumulative(lengths: np.ndarray) -> np.ndarray:
+    """[0, l0, l0+l1, ...]: where each of the concatenated sequences starts, and the total last (int64)."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def concat_positions(lengths: np.ndarray, first) -> np.ndarray:
+    """Concatenated position ids: sequence i counts from first[i] (a scalar: the same for all) for lengths[i]."""
+    starts = np.repeat(cumulative(lengths)[:-1], lengths)
+    return np.arange(int(lengths.sum())) - starts + np.repeat(np.broadcast_to(first, lengths.shape), lengths)
 
 
 # --- reading rows back out of packed hidden states ([1, T, H] or [T, H]) ------------------------------------

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .encoded import EncodedBatch
+from .packing import concat_positions, cumulative
 
 SETTINGS = ("auto", "off")
 _ALL = 1 << 62  # "keep every query token" (document_slot's query cut)
@@ -214,7 +215,7 @@ def shared_inputs(batch: EncodedBatch, index: np.ndarray, *, packed: bool, pad_i
         prefix_positions = np.tile(np.arange(prefix_ids.shape[1]), (len(prefix), 1))
         return SharedPrefixInputs(False, tensor(prefix_ids), tensor(prefix_positions), tensor(own_ids),
                                   tensor(own_positions), **common)
-    prefix_cu, own_cu = _cumulative(prefix), _cumulative(own)
+    prefix_cu, own_cu = cumulative(prefix), cumulative(own)
     keys = row_prefix + own
     # Each sequence's keys: its group's prefix rows (of the prefix forward), then its own rows, which follow
     # all prefix rows in the joined [prefix rows | own rows] tensor the cache builds per layer.
@@ -222,22 +223,10 @@ def shared_inputs(batch: EncodedBatch, index: np.ndarray, *, packed: bool, pad_i
     gather = np.concatenate([np.concatenate([np.arange(a, a + p), prefix_cu[-1] + np.arange(o, o + n)])
                              for a, p, o, n in zip(prefix_at, row_prefix, own_cu[:-1], own)])
     return SharedPrefixInputs(
-        True, tensor(np.concatenate(prefix_rows)).view(1, -1), tensor(_positions(prefix, 0)).view(1, -1),
-        tensor(np.concatenate(own_rows)).view(1, -1), tensor(_positions(own, row_prefix)).view(1, -1),
+        True, tensor(np.concatenate(prefix_rows)).view(1, -1), tensor(concat_positions(prefix, 0)).view(1, -1),
+        tensor(np.concatenate(own_rows)).view(1, -1), tensor(concat_positions(own, row_prefix)).view(1, -1),
         prefix_cu=tensor(prefix_cu, torch.int32), own_cu=tensor(own_cu, torch.int32),
-        key_cu=tensor(_cumulative(keys), torch.int32), gather=tensor(gather), max_keys=int(keys.max()), **common)
-
-
-def _cumulative(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def _positions(lengths: np.ndarray, first) -> np.ndarray:
-    """Concatenated position ids: sequence i counts from first[i] (a scalar: the same for all) for lengths[i]."""
-    starts = np.repeat(_cumulative(lengths)[:-1], lengths)
-    return np.arange(int(lengths.sum())) - starts + np.repeat(np.broadcast_to(first, lengths.shape), lengths)
+        key_cu=tensor(cumulative(keys), torch.int32), gather=tensor(gather), max_keys=int(keys.max()), **common)
 
 
 # --- the replica: the two forwards --------------------------------------------------------------------------------
