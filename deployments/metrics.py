@@ -29,7 +29,6 @@ SCRAPE_TIMEOUT_S = 5.0  # a node's agent that does not answer in this time is le
 SCRAPE_TTL_S = 1.0  # several scrapers (or a refreshing dashboard) within this time share one gathering
 NODES_TTL_S = 10.0  # nodes joining or leaving appear after this long
 LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
-EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class IngressMetrics:
