@@ -6,7 +6,6 @@ whole output projection; W is lm_head.weight, or the input embedding when the mo
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -21,15 +20,13 @@ from .scoring import Scorer
 
 def read_weight_rows(model_id: str, model_dir: Path, name: str, rows: list[int]) -> torch.Tensor:
     """Rows of one checkpoint tensor, read without loading the tensor (safetensors slices; *.bin via mmap)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if name not in weight_map:
-            raise ModelLoadError(model_id, f"tensor {name} missing from the checkpoint", file=index.name)
-        files = [model_dir / weight_map[name]]
-    else:
-        files = [model_dir / "model.safetensors"]
-    if files[0].is_file():
+    from .loading import bin_state_dicts, safetensors_holding
+
+    files = safetensors_holding(model_dir, lambda n: n == name)
+    if files == []:
+        raise ModelLoadError(model_id, f"tensor {name} missing from the checkpoint",
+                             file="model.safetensors.index.json")
+    if files and files[0].is_file():
         from safetensors import safe_open
 
         with safe_open(str(files[0]), framework="pt") as f:
@@ -37,9 +34,7 @@ def read_weight_rows(model_id: str, model_dir: Path, name: str, rows: list[int])
                 raise ModelLoadError(model_id, f"tensor {name} missing from the checkpoint", file=files[0].name)
             sl = f.get_slice(name)
             return torch.stack([sl[r:r + 1][0] for r in rows])
-    bins = sorted(model_dir.glob("pytorch_model*.bin"))
-    for b in bins:
-        state = torch.load(str(b), map_location="cpu", weights_only=True, mmap=True)
+    for state in bin_state_dicts(model_dir):
         if name in state:
             return state[name][rows].clone()
     raise ModelLoadError(model_id, f"tensor {name} not found in any weights file", file=str(model_dir))

@@ -2,7 +2,9 @@
 ModelLoadError naming the model) instead of initialising missing weights at random."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Callable, Iterator
 
 from .errors import ModelLoadError
 
@@ -60,3 +62,22 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, name)
+
+
+def safetensors_holding(model_dir: Path, wanted: Callable[[str], bool]) -> list[Path] | None:
+    """The checkpoint's safetensors files that may hold the tensors `wanted` accepts: the shards the index maps
+    them to (none: no such tensor), or the single model.safetensors; None when there is neither (*.bin only)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({model_dir / f for n, f in weight_map.items() if wanted(n)})
+    single = model_dir / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def bin_state_dicts(model_dir: Path) -> Iterator[dict]:
+    """The state dicts of the checkpoint's pytorch_model*.bin files, memory-mapped, one at a time."""
+    import torch
+
+    for path in sorted(model_dir.glob("pytorch_model*.bin")):
+        yield torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)

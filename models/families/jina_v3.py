@@ -22,7 +22,6 @@ blocks are cut by; a block's prompt adds its template to that.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -227,14 +226,9 @@ def _qwen3_config(model_id: str, model_dir: Path):
 
 def read_tensors(model_id: str, model_dir: Path, prefix: str) -> dict:
     """Every checkpoint tensor whose name starts with `prefix` (safetensors, sharded or not; else *.bin)."""
-    import torch
+    from ..loading import bin_state_dicts, safetensors_holding
 
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = json.loads(index.read_text())["weight_map"]
-        files = sorted({model_dir / f for n, f in names.items() if n.startswith(prefix)})
-    else:
-        files = [model_dir / "model.safetensors"] if (model_dir / "model.safetensors").is_file() else []
+    files = safetensors_holding(model_dir, lambda n: n.startswith(prefix))
     out = {}
     if files:
         from safetensors import safe_open
@@ -243,8 +237,7 @@ def read_tensors(model_id: str, model_dir: Path, prefix: str) -> dict:
             with safe_open(str(file), framework="pt") as f:
                 out.update({n: f.get_tensor(n) for n in f.keys() if n.startswith(prefix)})
         return out
-    for b in sorted(model_dir.glob("pytorch_model*.bin")):
-        state = torch.load(str(b), map_location="cpu", weights_only=True, mmap=True)
+    for state in bin_state_dicts(model_dir):
         out.update({n: t.clone() for n, t in state.items() if n.startswith(prefix)})
     return out
 
